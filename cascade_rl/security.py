@@ -1,0 +1,158 @@
+"""Security defaults: where services listen, what reaches MLflow and logs, what a recipe may name as a reward.
+
+Ray's dashboard and job API run arbitrary code for whoever can reach them, and the MLflow UI has no
+authentication: both are bound to loopback or a private address, never 0.0.0.0 on a public interface, unless
+the operator opts in explicitly (and then with Ray token auth, ``RAY_AUTH_MODE=token``).
+
+- ``check_bind_address(host, what)``: warnings for a wildcard or public bind address (empty list when fine).
+- ``redact(params)``: hide values whose key looks like a secret, and passwords inside URLs, before params or
+  resolved recipes are logged to MLflow or printed.
+- ``check_reward_spec(spec)``: a recipe names a reward by registered name or ``pkg.module:function``; URLs and
+  file paths are refused here, at the recipe level (the rewards registry refuses them again when resolving).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from typing import Any
+
+REDACTED = "***REDACTED***"
+
+# Words (after splitting a key on ., _, -, /, spaces and camelCase) that mark a value as secret. Plural
+# "tokens" is deliberately absent: `max_response_tokens` and `micro_batch_tokens` are lengths, not secrets.
+_SECRET_WORDS = frozenset({"token", "password", "passwd", "pwd", "secret", "credential", "credentials",
+                           "apikey", "passphrase"})
+# Adjacent word pairs that mark a secret (`api_key`, `HF_ACCESS_KEY`, `private-key`).
+_SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"),
+                           ("auth", "key"), ("client", "secret"), ("session", "key")})
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@")
+_WILDCARDS = {"0.0.0.0", "::", "[::]", "*", "", "0:0:0:0:0:0:0:0"}
+_REWARD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+_PY_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_REWARD_IMPORT = re.compile(rf"{_PY_IDENT}(\.{_PY_IDENT})*:{_PY_IDENT}(\.{_PY_IDENT})*")
+
+
+# ---------------------------------------------------------------------------------------------- bind addresses
+
+
+def check_bind_address(host: str | None, what: str) -> list[str]:
+    """Warnings for binding ``what`` (e.g. "Ray dashboard") to ``host``; an empty list means it is fine.
+
+    Warned: wildcards (0.0.0.0, ::, empty), which listen on every interface including public ones, and
+    global (public) IP addresses. Loopback, private (RFC 1918 / ULA), link-local and hostnames pass;
+    hostnames are not resolved (no DNS lookups here).
+    """
+    value = (host or "").strip()
+    if value.lower() in _WILDCARDS:
+        public = _public_interface_addresses()
+        on = f" This machine has public addresses {', '.join(public)}." if public else ""
+        return [f"{what} binds to {value or '<all interfaces>'}: it listens on every interface, public ones "
+                f"included.{on} Bind to 127.0.0.1 (reach it through an SSH tunnel or `ray dashboard`) or to a "
+                f"private address, and enable Ray token auth (RAY_AUTH_MODE=token) if it must be reachable."]
+    try:
+        ip = ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return []  # a hostname: not resolved here
+    if ip.is_global:
+        return [f"{what} binds to the public address {value}: anyone who can reach it can submit jobs or read "
+                f"the run. Bind to 127.0.0.1 or a private address (10.x, 172.16-31.x, 192.168.x)."]
+    return []
+
+
+def _public_interface_addresses() -> list[str]:
+    """Global IP addresses of this machine's interfaces (empty where psutil is unavailable)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    found = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            try:
+                ip = ipaddress.ip_address(a.address.split("%")[0])
+            except ValueError:
+                continue
+            if ip.is_global:
+                found.append(str(ip))
+    return sorted(set(found))
+
+
+# ---------------------------------------------------------------------------------------------- redaction
+
+
+def _words(key: str) -> list[str]:
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", str(key))  # camelCase -> camel Case
+    return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
+
+
+def is_secret_key(key: str) -> bool:
+    """True when a (possibly dotted) key names a secret: ``hf_token``, ``tracking.password``, ``apiKey``."""
+    words = _words(key)
+    pairs = zip(words, words[1:], strict=False)
+    return any(w in _SECRET_WORDS for w in words) or any(p in _SECRET_PAIRS for p in pairs)
+
+
+def redact_text(text: str) -> str:
+    """Replace the password of ``scheme://user:password@host`` URLs in a string."""
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+
+
+def redact(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``params`` with secret-looking values hidden; nested dicts and lists are walked.
+
+    Keys are judged by their words (``hf_token`` is secret, ``max_response_tokens`` is not); every string
+    value also has URL passwords removed (``https://user:pw@host`` -> ``https://user:***REDACTED***@host``).
+    """
+    return {k: (REDACTED if is_secret_key(k) and v not in (None, "") else _redact_value(v))
+            for k, v in params.items()}
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return redact(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redact_value(v) for v in value)
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- reward specs
+
+
+def check_reward_spec(spec: str, key: str = "reward.terms.N.name") -> None:
+    """Raise ``ValueError`` unless ``spec`` is a registered-name-like string or ``pkg.module:function``.
+
+    A recipe travels to a cluster and is run there: a reward must be code already installed on the nodes,
+    never fetched from a URL or loaded from a file path named in the recipe.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"{key}: a reward is named by a registered name (e.g. math_verify) or "
+                         f"`pkg.module:function`; got {spec!r}")
+    s = spec.strip()
+    if "://" in s or s.lower().startswith(("file:", "data:", "http:", "https:")):
+        raise ValueError(f"{key}={spec!r}: rewards cannot be loaded from a URL. Install the code on the "
+                         f"cluster (a package or rewards/) and name it as `pkg.module:function`.")
+    if any(c in s for c in "/\\~") or s.startswith(".") or s.endswith((".py", ".pyc", ".so")):
+        raise ValueError(f"{key}={spec!r}: rewards cannot be loaded from a file path. Put the function in an "
+                         f"importable module and name it as `pkg.module:function` (e.g. my_rewards.math:score), "
+                         f"or register it in rewards/.")
+    if ":" in s:
+        if not _REWARD_IMPORT.fullmatch(s):
+            raise ValueError(f"{key}={spec!r}: expected `pkg.module:function` with Python identifiers on both "
+                             f"sides of one colon.")
+    elif not _REWARD_NAME.fullmatch(s):
+        raise ValueError(f"{key}={spec!r}: a registered reward name has letters, digits, `_`, `-` and `.` only.")
+
+
+def recipe_problems(cfg: Any) -> list[str]:
+    """Security problems of a resolved recipe (duck-typed ``RecipeConfig``), each naming its key."""
+    problems: list[str] = []
+    for i, term in enumerate(getattr(getattr(cfg, "reward", None), "terms", []) or []):
+        try:
+            check_reward_spec(term.name, key=f"reward.terms.{i}.name")
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems

@@ -1,0 +1,1 @@
+"""Stages of a recipe and the driver that runs them in order."""

@@ -1,0 +1,70 @@
+"""Turning prompts, responses, records and pairs into learner batches (token ids), and iterating batches."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from ..data.prompts import PromptItem
+from ..types import PairBatch, PreferencePair, SequenceBatch
+
+
+class Encoder:
+    """Chat-template prompts and plain-text responses to token ids with the policy's tokenizer."""
+
+    def __init__(self, model_path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.eos = self.tokenizer.eos_token_id
+
+    def prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def response(self, text: str, *, add_eos: bool = True) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids + [self.eos] if add_eos and self.eos is not None else ids
+
+
+def sft_batch(items: list[PromptItem], enc: Encoder) -> SequenceBatch:
+    """Prompt + reference solution (``metadata['solution']``, else the answer) for the LM loss."""
+    responses = [enc.response(str(it.metadata.get("solution") or it.answer)) for it in items]
+    return SequenceBatch(prompt_token_ids=[enc.prompt(it.messages) for it in items],
+                         response_token_ids=responses,
+                         images=[it.images for it in items] if any(it.images for it in items) else None)
+
+
+def pair_batch(pairs: list[PreferencePair]) -> PairBatch:
+    has_ref = all(p.ref_chosen_logp is not None for p in pairs)
+    return PairBatch(prompt_token_ids=[p.prompt_token_ids for p in pairs],
+                     chosen_token_ids=[p.chosen_token_ids for p in pairs],
+                     rejected_token_ids=[p.rejected_token_ids for p in pairs],
+                     ref_chosen_logps=[p.ref_chosen_logp for p in pairs] if has_ref else None,
+                     ref_rejected_logps=[p.ref_rejected_logp for p in pairs] if has_ref else None,
+                     images=[p.images for p in pairs] if any(p.images for p in pairs) else None)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A deterministic shuffle per (seed, epoch): the data position is just an index into it."""
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+def take_batches(n: int, batch_size: int, seed: int, epochs: int, start_step: int = 0) -> Iterator[tuple[int, list[int]]]:
+    """``(step, indices)`` over ``epochs`` passes in batches, resuming at ``start_step``; a short tail is kept."""
+    per_epoch = max((n + batch_size - 1) // batch_size, 1)
+    for step in range(start_step, per_epoch * epochs):
+        epoch, b = divmod(step, per_epoch)
+        order = epoch_order(n, seed, epoch)
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        if idx:
+            yield step, idx
+
+
+def num_batches(n: int, batch_size: int, epochs: int) -> int:
+    return max((n + batch_size - 1) // batch_size, 1) * epochs

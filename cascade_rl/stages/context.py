@@ -1,0 +1,139 @@
+"""What every stage shares: the recipe, the worker groups, the tracker, the driver state, checkpoints, eval.
+
+Specs for the workers are built here from the recipe's sub-configs (each actor gets its own, never the recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import RecipeConfig, StageConfig
+from ..data.prompts import PromptItem
+from ..tracking import Tracker
+from ..types import RewardResult, Sample
+from .state import DriverState, RunState, checkpoint_dir, finish_checkpoint
+
+
+@dataclass
+class RunContext:
+    cfg: RecipeConfig
+    run_dir: Path
+    model_path: str
+    tracker: Tracker
+    learners: Any  # actors.group.LearnerGroup
+    rollout: Any  # actors.group.RolloutGroup
+    rewards: Any  # actors.group.RewardGroup
+    train_prompts: list[PromptItem]
+    eval_prompts: list[PromptItem]
+    state: DriverState = field(default_factory=DriverState)
+    run_state: RunState = field(default_factory=RunState)
+    is_vlm: bool = False
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.tracker.log_metrics(metrics, self.state.global_step if step is None else step)
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(self, prompts: list[PromptItem], generations: list[Any]) -> list[RewardResult]:
+        """Score generations (ordered prompt-major) against their prompts' answers."""
+        samples = [
+            Sample(prompt=prompts[g.prompt_index].messages, response=g.text,
+                   ground_truth=prompts[g.prompt_index].answer,
+                   metadata={**prompts[g.prompt_index].metadata, "num_response_tokens": len(g.token_ids),
+                             "finish_reason": g.finish_reason},
+                   images=prompts[g.prompt_index].images)
+            for g in generations
+        ]
+        return self.rewards.score(samples)
+
+    def sync_weights(self) -> float:
+        """Push the learner's weights to the rollout workers, tagged with the next policy version."""
+        self.state.policy_version += 1
+        return self.rollout.sync_from(self.learners, self.state.policy_version)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, stage: StageConfig, *, stage_done: bool = False) -> Path:
+        """Save learner + driver state; the COMPLETE marker is written last."""
+        t0 = time.perf_counter()
+        self.state.stage_done = stage_done
+        self.state.capture_rng()
+        logs = self.run_dir / "rollouts"
+        self.state.num_log_shards = {d.name: len(list(d.glob("shard-*.parquet")))
+                                     for d in (logs.iterdir() if logs.exists() else []) if d.is_dir()}
+        ckpt = checkpoint_dir(self.run_dir, self.state.stage_index, stage.name, self.state.stage_step)
+        self.learners.save_checkpoint(str(ckpt / "learner"), {"driver": self.state.__dict__})
+        finish_checkpoint(ckpt, self.state, self.cfg.checkpoint.keep_last)
+        self.log({"perf/checkpoint_s": time.perf_counter() - t0})
+        return ckpt
+
+    def should_checkpoint(self) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return every > 0 and self.state.stage_step % every == 0
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Greedy (and optionally sampled) accuracy on the held-out prompts; logs ``eval/*`` and a table."""
+        ev = self.cfg.eval
+        prompts = self.eval_prompts[: ev.num_prompts]
+        t0 = time.perf_counter()
+        out = self.rollout.generate(prompts, 1, greedy=True)
+        results = self.score(prompts, out.generations)
+        metrics = _eval_metrics("eval", out.generations, results)
+        if ev.sampled_n > 0:
+            sampled = self.rollout.generate(prompts, ev.sampled_n)
+            metrics.update(_eval_metrics("eval/sampled", sampled.generations, self.score(prompts, sampled.generations)))
+        metrics["perf/eval_s"] = time.perf_counter() - t0
+        self.log(metrics)
+        rows = [{"stage": tag, "step": self.state.global_step, "prompt": prompts[g.prompt_index].messages[-1]["content"],
+                 "answer": prompts[g.prompt_index].answer, "response": g.text, "reward": r.total,
+                 "correct": r.correct} for g, r in list(zip(out.generations, results, strict=True))[: ev.num_table_rows]]
+        self.tracker.log_table(rows, f"samples/{tag}_step{self.state.global_step:06d}.json")
+        return metrics
+
+
+def _eval_metrics(prefix: str, generations: list[Any], results: list[RewardResult]) -> dict[str, float]:
+    n = max(len(results), 1)
+    return {
+        f"{prefix}/accuracy": sum(bool(r.correct) for r in results) / n,
+        f"{prefix}/mean_reward": sum(r.total for r in results) / n,
+        f"{prefix}/response_tokens": sum(len(g.token_ids) for g in generations) / n,
+    }
+
+
+def reward_metrics(results: list[RewardResult]) -> dict[str, float]:
+    """``reward/*``: mean total, accuracy, each component's mean and error counts."""
+    n = max(len(results), 1)
+    m: dict[str, float] = {"reward/mean": sum(r.total for r in results) / n,
+                           "reward/accuracy": sum(bool(r.correct) for r in results) / n,
+                           "reward/errors": float(sum(len(r.errors) > 0 for r in results))}
+    names = sorted({k for r in results for k in r.components})
+    for k in names:
+        vals = [r.components[k] for r in results if k in r.components]
+        m[f"reward/{k}"] = sum(vals) / max(len(vals), 1)
+    return m
+
+
+def rollout_metrics(out: Any) -> dict[str, float]:
+    """``rollout/*``: throughput, lengths and finish reasons of one generate call."""
+    gens = out.generations
+    n = max(len(gens), 1)
+    lengths = [len(g.token_ids) for g in gens]
+    m = {"rollout/tokens_per_s": out.num_output_tokens / max(out.generate_s, 1e-9),
+         "rollout/response_tokens_mean": sum(lengths) / n,
+         "rollout/response_tokens_max": float(max(lengths, default=0)),
+         "perf/generate_s": out.generate_s}
+    for reason in sorted({g.finish_reason for g in gens}):
+        m[f"rollout/finish_{reason}"] = sum(g.finish_reason == reason for g in gens) / n
+    return m
+
+
+def messages_json(item: PromptItem) -> str:
+    return json.dumps(item.messages, ensure_ascii=False)

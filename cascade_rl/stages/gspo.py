@@ -1,0 +1,118 @@
+"""``gspo`` stage: the online loop — generate G per prompt → score → group advantages → update → sync → log.
+
+No reference model and no KL term (InternVL3.5). ``gspo.loss`` picks GSPO, GSPO-token or GRPO; the clip range
+is explicit in the recipe (paper 3e-4/4e-4; InternVL's released scripts 0.2/0.2 with 16 mini-batches, where the
+sequence ratio actually moves away from 1).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..algos.advantages import compute_group_advantages
+from ..config import StageConfig
+from ..data.pass_rate import compute_pass_rates, filter_prompts_by_pass_rate
+from ..data.rollout_log import RolloutLogWriter, read_rollout_log
+from ..types import SequenceBatch
+from .batching import epoch_order
+from .context import RunContext, reward_metrics, rollout_metrics
+from .rollout import log_dir, make_records
+
+
+def run_gspo(ctx: RunContext, stage: StageConfig, index: int) -> None:
+    g, G = stage.gspo, ctx.cfg.rollout.group_size
+    prompts = _select_prompts(ctx, stage, index)
+    writer = _open_log(ctx, stage)
+    ctx.learners.set_lr(stage.lr or ctx.cfg.learner.lr, g.num_steps * g.num_minibatches, ctx.cfg.learner.warmup_steps)
+    bar = tqdm(total=g.num_steps, initial=ctx.state.stage_step, desc=f"[{stage.name}] {g.loss}", unit="step")
+    for step in range(ctx.state.stage_step, g.num_steps):
+        t_step = time.perf_counter()
+        batch_prompts = _prompts_for_step(prompts, step, g.prompts_per_step, ctx.cfg.seed)
+        out = ctx.rollout.generate(batch_prompts, G)                                   # generate
+        t0 = time.perf_counter()
+        results = ctx.score(batch_prompts, out.generations)                            # score
+        score_s = time.perf_counter() - t0
+        writer.append(make_records(ctx, stage, step, batch_prompts, out, results))      # log
+        adv = compute_group_advantages(torch.tensor([r.total for r in results], dtype=torch.float32), G,
+                                       scale_std=g.scale_std, filter_equal=g.filter_equal_groups)
+        keep = [i for i in range(len(results)) if adv.mask[i] > 0]                     # dynamic filtering
+        t0 = time.perf_counter()
+        train_metrics = _update(ctx, stage, out.generations, adv.advantages.tolist(), keep) if keep else {}
+        train_s = time.perf_counter() - t0
+        sync_s = ctx.sync_weights() if keep else 0.0                                   # sync
+        ctx.state.stage_step, ctx.state.global_step = step + 1, ctx.state.global_step + 1
+        ctx.log({**rollout_metrics(out), **reward_metrics(results), **train_metrics,
+                 "train/filtered_groups": float(adv.num_filtered_groups), "train/num_sequences": float(len(keep)),
+                 "perf/score_s": score_s, "perf/train_s": train_s, "perf/sync_s": sync_s,
+                 "perf/step_s": time.perf_counter() - t_step, "train/policy_version": ctx.state.policy_version})
+        bar.update(1)
+        bar.set_postfix(reward=f"{sum(r.total for r in results) / len(results):.3f}")
+        if ctx.cfg.eval.every_steps > 0 and ctx.state.stage_step % ctx.cfg.eval.every_steps == 0 \
+                and ctx.state.stage_step < g.num_steps:
+            ctx.evaluate(stage.name)
+        if ctx.should_checkpoint() and ctx.state.stage_step < g.num_steps:
+            ctx.checkpoint(stage)
+    bar.close()
+
+
+def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[float], keep: list[int]) -> dict:
+    """One or more mini-batch updates on the kept sequences; old log-probs from the learner before any update."""
+    g = stage.gspo
+    batch = SequenceBatch(prompt_token_ids=[list(gens[i].prompt_token_ids) for i in keep],
+                          response_token_ids=[list(gens[i].token_ids) for i in keep],
+                          advantages=[advantages[i] for i in keep])
+    batch.old_logprobs = ctx.learners.compute_logprobs(batch)
+    parts = [list(range(len(keep)))[j :: g.num_minibatches] for j in range(g.num_minibatches)]
+    sums: dict[str, float] = {}
+    for part in [p for p in parts if p]:
+        mb = batch.select(part)
+        m = ctx.learners.train_policy(mb, loss=g.loss, clip_low=g.clip_low, clip_high=g.clip_high,
+                                      num_global_seqs=len(mb), num_global_tokens=sum(map(len, mb.response_token_ids)))
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / len(parts)
+    return {f"train/{k}": v for k, v in sums.items()}
+
+
+def _select_prompts(ctx: RunContext, stage: StageConfig, index: int) -> list:
+    """Training prompts, kept to the pass-rate band measured by the latest earlier rollout stage (if any)."""
+    g = stage.gspo
+    earlier = [s for s in ctx.cfg.stages[:index] if s.kind == "rollout"]
+    if not earlier or (g.pass_rate_min <= 0.0 and g.pass_rate_max >= 1.0):
+        return ctx.train_prompts
+    rates = compute_pass_rates(read_rollout_log(log_dir(ctx, earlier[-1].name)))
+    kept, stats = filter_prompts_by_pass_rate([p.id for p in ctx.train_prompts], rates, g.pass_rate_min, g.pass_rate_max)
+    ctx.log({f"data/pass_rate_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+    keep = set(kept)
+    chosen = [p for p in ctx.train_prompts if p.id in keep]
+    if not chosen:
+        raise RuntimeError(f"stage `{stage.name}`: no prompt has a logged pass rate in "
+                           f"[{g.pass_rate_min}, {g.pass_rate_max}]; widen gspo.pass_rate_min/max")
+    return chosen
+
+
+def _prompts_for_step(prompts: list, step: int, per_step: int, seed: int) -> list:
+    """Deterministic data position: step * per_step into a per-epoch shuffle of the prompts."""
+    start = step * per_step
+    out = []
+    for pos in range(start, start + per_step):
+        epoch, i = divmod(pos, len(prompts))
+        out.append(prompts[epoch_order(len(prompts), seed, epoch)[i]])
+    return out
+
+
+def _open_log(ctx: RunContext, stage: StageConfig) -> RolloutLogWriter:
+    """Shards written after the checkpoint we resume from are moved aside (kept, not counted)."""
+    folder: Path = log_dir(ctx, stage.name)
+    keep = ctx.state.num_log_shards.get(stage.name, 0)
+    shards = sorted(folder.glob("shard-*.parquet"))
+    if len(shards) > keep:
+        aside = folder.parent / f"{stage.name}.superseded" / time.strftime("%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        for s in shards[keep:]:
+            shutil.move(str(s), aside / s.name)
+    return RolloutLogWriter(folder)

@@ -1,0 +1,75 @@
+"""``mpo`` stage: preference pairs from a rollout log, reference log-probs once, then w_p·DPO + w_q·BCO + w_g·LM.
+
+Pairs (with their reference log-probs from the frozen start policy) are written to ``pairs/<stage>.parquet``
+before training, so a resumed stage reuses them instead of recomputing with a moved policy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..config import StageConfig
+from ..data.pairs import build_pairs, fill_token_ids, read_pairs, write_pairs
+from ..data.rollout_log import read_rollout_log
+from .batching import Encoder, num_batches, pair_batch, take_batches
+from .context import RunContext
+from .rollout import log_dir
+
+REF_BATCH = 64
+
+
+def _source_logs(ctx: RunContext, stage: StageConfig, index: int) -> Path:
+    if stage.mpo.logs:
+        return Path(stage.mpo.logs)
+    previous = [s for s in ctx.cfg.stages[:index] if s.kind == "rollout"]
+    return log_dir(ctx, previous[-1].name)
+
+
+def prepare_pairs(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder) -> list:
+    path = ctx.run_dir / "pairs" / f"{stage.name}.parquet"
+    if path.exists():
+        return read_pairs(path)
+    records = read_rollout_log(_source_logs(ctx, stage, index))
+    pairs, stats = build_pairs(records, max_pairs_per_prompt=stage.mpo.max_pairs_per_prompt, seed=ctx.cfg.seed)
+    if not pairs:
+        raise RuntimeError(
+            f"stage `{stage.name}`: no preference pairs could be built from {len(records)} logged responses "
+            f"({json.dumps(stats.as_dict())}). Pairs need prompts with both right and wrong responses: raise "
+            f"rollout.group_size or rollout.temperature, or train the start policy longer (sft stage).")
+    fill_token_ids(pairs, encode_prompt=enc.prompt, encode_response=enc.response)  # imported logs lack ids
+    t0 = time.perf_counter()
+    for i in range(0, len(pairs), REF_BATCH):  # reference log-probs with the frozen start policy
+        part = pairs[i : i + REF_BATCH]
+        chosen, rejected = ctx.learners.compute_pair_logps(pair_batch(part))
+        for p, c, r in zip(part, chosen, rejected, strict=True):
+            p.ref_chosen_logp, p.ref_rejected_logp = float(c), float(r)
+    write_pairs(pairs, path)
+    ctx.tracker.log_text(json.dumps(stats.as_dict(), indent=1), f"pairs/{stage.name}_stats.json")
+    ctx.log({**{f"pairs/{k}": float(v) for k, v in stats.as_dict().items() if isinstance(v, (int, float))},
+             "perf/ref_logprobs_s": time.perf_counter() - t0})
+    return pairs
+
+
+def run_mpo(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder) -> None:
+    mpo = stage.mpo
+    pairs = prepare_pairs(ctx, stage, index, enc)
+    terms = [(t["loss"], float(t["weight"])) for t in mpo.terms]
+    total = num_batches(len(pairs), mpo.batch_size, mpo.epochs)
+    ctx.learners.set_lr(stage.lr or ctx.cfg.learner.lr, total, ctx.cfg.learner.warmup_steps)
+    bar = tqdm(total=total, initial=ctx.state.stage_step, desc=f"[{stage.name}] mpo", unit="step")
+    for step, idx in take_batches(len(pairs), mpo.batch_size, ctx.cfg.seed, mpo.epochs, ctx.state.stage_step):
+        t0 = time.perf_counter()
+        metrics = ctx.learners.train_mpo(pair_batch([pairs[i] for i in idx]), terms=terms, beta=mpo.beta,
+                                         num_global_pairs=len(idx))
+        ctx.state.stage_step = step + 1
+        ctx.state.global_step += 1
+        ctx.log({**{f"train/{k}": v for k, v in metrics.items()}, "perf/train_s": time.perf_counter() - t0})
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+        if ctx.should_checkpoint() and ctx.state.stage_step < total:
+            ctx.checkpoint(stage)
+    bar.close()

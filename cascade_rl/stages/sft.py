@@ -1,0 +1,31 @@
+"""``sft`` stage: supervised warm start — LM (NLL) loss on prompt + reference solution."""
+
+from __future__ import annotations
+
+import time
+
+from tqdm import tqdm
+
+from ..config import StageConfig
+from .batching import Encoder, num_batches, sft_batch, take_batches
+from .context import RunContext
+
+
+def run_sft(ctx: RunContext, stage: StageConfig, enc: Encoder) -> None:
+    sft = stage.sft
+    items = ctx.train_prompts
+    total = num_batches(len(items), sft.batch_size, sft.epochs)
+    ctx.learners.set_lr(stage.lr or ctx.cfg.learner.lr, total, ctx.cfg.learner.warmup_steps)
+    bar = tqdm(total=total, initial=ctx.state.stage_step, desc=f"[{stage.name}] sft", unit="step")
+    for step, idx in take_batches(len(items), sft.batch_size, ctx.cfg.seed, sft.epochs, ctx.state.stage_step):
+        batch = sft_batch([items[i] for i in idx], enc)
+        t0 = time.perf_counter()
+        metrics = ctx.learners.train_sft(batch, num_global_tokens=sum(len(r) for r in batch.response_token_ids))
+        ctx.state.stage_step = step + 1
+        ctx.state.global_step += 1
+        ctx.log({**{f"train/{k}": v for k, v in metrics.items()}, "perf/train_s": time.perf_counter() - t0})
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+        if ctx.should_checkpoint() and ctx.state.stage_step < total:
+            ctx.checkpoint(stage)
+    bar.close()

@@ -1,0 +1,252 @@
+"""``prm``: a process reward model (PRM) in the shape of VisualPRM (Wang et al. 2025, "VisualPRM", InternVL).
+
+The response is split into steps (``step_split``, a regex; default: blank lines or newlines). Each step is
+followed by a marker text (``marker``, default ``"<prm>"``), and the model reads
+
+    prompt (chat template, images) + step_1 + marker + "\\n" + step_2 + marker + ...
+
+The score of step k is read at the last token of its k-th marker, where the model predicts the judgement token:
+
+    normalize="pair":   p_k = softmax([z_+, z_-])[0] = sigmoid(z_+ - z_-)     (VisualPRM: "+" vs "-" only)
+    normalize="vocab":  p_k = softmax(z)[id_+]                               (over the whole vocabulary)
+
+with ``z`` the logits at that position and ``id_+``/``id_-`` the single token ids of ``positive``/``negative``.
+The response score aggregates the p_k: ``min`` (default, as VisualPRM's best-of-N), ``mean``, ``last`` or
+``product``. Steps are tokenised one by one and concatenated, so marker positions are exact for any tokenizer.
+
+The checkpoint is any local Hugging Face folder (``AutoModelForImageTextToText`` when its config has a
+``vision_config``, else ``AutoModelForCausalLM``), loaded lazily with ``local_files_only=True`` and cached per
+process. Samples with images are run one at a time (their pixel values differ in size); text-only ones in
+padded batches of ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cascade_rl.types import Sample
+
+from .registry import Verdict, register_reward
+
+DEFAULT_STEP_SPLIT = r"\n\s*\n|\n"
+AGGREGATES = ("min", "mean", "last", "product")
+_CACHE: dict[tuple[str, str, str], ProcessRewardModel] = {}
+
+
+def split_steps(text: str, pattern: str = DEFAULT_STEP_SPLIT, max_steps: int = 64) -> list[str]:
+    """Non-empty, stripped steps of ``text`` split by the regex ``pattern``; the tail beyond ``max_steps`` is
+    merged into the last step (so every part of the response is scored)."""
+    steps = [s.strip() for s in re.split(pattern, text or "") if s and s.strip()]
+    if len(steps) > max_steps:
+        steps = steps[:max_steps - 1] + ["\n".join(steps[max_steps - 1:])]
+    return steps
+
+
+def aggregate_scores(scores: Sequence[float], how: str = "min") -> float | None:
+    """Response score from step scores: min | mean | last | product (None for no steps)."""
+    if how not in AGGREGATES:
+        raise ValueError(f"prm: kwargs.aggregate={how!r}; valid: {', '.join(AGGREGATES)}")
+    if not scores:
+        return None
+    if how == "min":
+        return min(scores)
+    if how == "mean":
+        return math.fsum(scores) / len(scores)
+    if how == "last":
+        return scores[-1]
+    return math.prod(scores)
+
+
+def _single_token(tokenizer: Any, text: str, key: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"prm: kwargs.{key}={text!r} is {len(ids)} tokens for this tokenizer; it must be exactly "
+                         "one token (the judgement the PRM predicts after each marker)")
+    return ids[0]
+
+
+def _load_processor(path: Path, tokenizer: Any) -> Any:
+    """The checkpoint's processor; without torchvision, rebuilt from its image processor and tokenizer."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (ImportError, ValueError, OSError, TypeError):
+        name = json.loads((path / "processor_config.json").read_text()).get("processor_class", "")
+        base = getattr(transformers, name)
+
+        class ImageOnlyProcessor(base):  # type: ignore[misc, valid-type]
+            def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+                if argument is None and argument_name == "video_processor":
+                    return None
+                return super().check_argument_for_proper_class(argument_name, argument)
+
+        extra = {"video_processor": None} if "video_processor" in getattr(base, "attributes", []) else {}
+        seq = getattr(AutoConfig.from_pretrained(path), "image_seq_length", None)
+        return ImageOnlyProcessor(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tokenizer,
+                                  chat_template=tokenizer.chat_template, **extra,
+                                  **({"image_seq_length": seq} if seq else {}))
+
+
+class ProcessRewardModel:
+    """A loaded PRM: ``step_scores(samples)`` -> per-step probabilities of the positive judgement."""
+
+    def __init__(self, model_path: str, *, device: str | None = None, dtype: str = "auto") -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+        path = Path(model_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"prm: kwargs.model_path={model_path!r} is not a local Hugging Face folder (no "
+                             "config.json); give the folder of a PRM checkpoint (the hub is never used)")
+        self.path = path
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.is_vlm = hasattr(config, "vision_config")
+        cls = AutoModelForImageTextToText if self.is_vlm else AutoModelForCausalLM
+        self.model = cls.from_pretrained(path, local_files_only=True, dtype=dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self._processor: Any = None
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            self._processor = _load_processor(self.path, self.tokenizer)
+        return self._processor
+
+    def _prefix(self, sample: Sample) -> str:
+        messages = list(sample.prompt or [])
+        if sample.images and self.is_vlm and not any(
+                isinstance(m.get("content"), list) and any(p.get("type") == "image" for p in m["content"])
+                for m in messages):
+            first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+            if first is not None:
+                text = messages[first].get("content")
+                parts = text if isinstance(text, list) else [{"type": "text", "text": str(text or "")}]
+                messages[first] = {**messages[first],
+                                   "content": [{"type": "image"} for _ in sample.images] + parts}
+        if not messages:
+            return ""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return "\n".join(str(m.get("content", "")) for m in messages) + "\n"
+
+    def build_inputs(self, sample: Sample, steps: list[str], marker: str) -> tuple[list[int], list[int], Any]:
+        """``(input_ids, marker positions, pixel_values or None)`` for one sample's steps."""
+        tok = self.tokenizer
+        marker_ids = tok(marker, add_special_tokens=False)["input_ids"]
+        if not marker_ids:
+            raise ValueError(f"prm: kwargs.marker={marker!r} tokenises to nothing; use a visible text like '<prm>'")
+        prefix, pixel_values = self._prefix(sample), None
+        if sample.images and self.is_vlm:
+            from PIL import Image
+
+            images = [Image.open(p).convert("RGB") for p in sample.images]
+            enc = self.processor(text=[prefix], images=images, return_tensors="pt")
+            ids, pixel_values = enc["input_ids"][0].tolist(), enc["pixel_values"]
+        else:
+            ids = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        positions = []
+        for k, step in enumerate(steps):
+            ids = ids + tok(step if k == 0 else "\n" + step, add_special_tokens=False)["input_ids"] + marker_ids
+            positions.append(len(ids) - 1)
+        return ids, positions, pixel_values
+
+    def _forward(self, batch: list[tuple[list[int], list[int], Any]], pos_id: int, neg_id: int,
+                 normalize: str) -> list[list[float]]:
+        import torch
+
+        width = max(len(ids) for ids, _, _ in batch)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T), right-padded
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, (ids, _, _) in enumerate(batch):
+            input_ids[b, :len(ids)] = torch.tensor(ids)
+            mask[b, :len(ids)] = 1
+        extra = {"pixel_values": batch[0][2].to(self.device, self.model.dtype)} if batch[0][2] is not None else {}
+        with torch.no_grad():
+            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                **extra).logits.float()  # (B, T, V)
+        out = []
+        for b, (_, positions, _) in enumerate(batch):
+            z = logits[b, positions]  # (K, V)
+            if normalize == "pair":
+                p = torch.softmax(z[:, [pos_id, neg_id]], dim=-1)[:, 0]
+            else:
+                p = torch.softmax(z, dim=-1)[:, pos_id]
+            out.append(p.tolist())
+        return out
+
+    def step_scores(self, samples: Sequence[Sample], *, step_split: str = DEFAULT_STEP_SPLIT, marker: str = "<prm>",
+                    positive: str = "+", negative: str = "-", normalize: str = "pair", batch_size: int = 8,
+                    max_steps: int = 64) -> list[list[float]]:
+        """Per-step probabilities of ``positive`` for each sample (an empty list for a response without steps)."""
+        if normalize not in ("pair", "vocab"):
+            raise ValueError(f"prm: kwargs.normalize={normalize!r}; valid: 'pair', 'vocab'")
+        pos_id = _single_token(self.tokenizer, positive, "positive")
+        neg_id = _single_token(self.tokenizer, negative, "negative")
+        scores: list[list[float]] = [[] for _ in samples]
+        inputs = {}
+        for i, s in enumerate(samples):
+            steps = split_steps(s.response if isinstance(s.response, str) else "", step_split, max_steps)
+            if steps:
+                inputs[i] = self.build_inputs(s, steps, marker)
+        text_only = [i for i in inputs if inputs[i][2] is None]
+        groups = [text_only[j:j + batch_size] for j in range(0, len(text_only), max(1, batch_size))]
+        groups += [[i] for i in inputs if inputs[i][2] is not None]
+        for group in groups:
+            for i, p in zip(group, self._forward([inputs[i] for i in group], pos_id, neg_id, normalize), strict=True):
+                scores[i] = p
+        return scores
+
+
+def load_prm(model_path: str, *, device: str | None = None, dtype: str = "auto") -> ProcessRewardModel:
+    """A ``ProcessRewardModel`` for ``model_path``, loaded once per process and cached."""
+    key = (str(Path(model_path).expanduser().resolve()), device or "", dtype)
+    if key not in _CACHE:
+        _CACHE[key] = ProcessRewardModel(model_path, device=device, dtype=dtype)
+    return _CACHE[key]
+
+
+@register_reward("prm", batched=True)
+def prm_reward(samples: list[Sample], *, model_path: str, aggregate: str = "min",
+               step_split: str = DEFAULT_STEP_SPLIT, marker: str = "<prm>", positive: str = "+",
+               negative: str = "-", normalize: str = "pair", batch_size: int = 8, device: str | None = None,
+               dtype: str = "auto", max_steps: int = 64) -> list[float | None]:
+    """Process reward model (VisualPRM-style): per-step P(+) at step markers, aggregated (min|mean|last|product)."""
+    aggregate_scores([], aggregate)  # validate before loading a model
+    prm = load_prm(model_path, device=device, dtype=dtype)
+    steps = prm.step_scores(samples, step_split=step_split, marker=marker, positive=positive, negative=negative,
+                            normalize=normalize, batch_size=batch_size, max_steps=max_steps)
+    out: list[float | None] = []
+    for p in steps:
+        value = aggregate_scores(p, aggregate)
+        out.append(Verdict(0.0, "empty response: no steps to score") if value is None else value)
+    return out
+
+
+def best_of_n(samples_by_prompt: Sequence[Sequence[Sample]],
+              scorer: Callable[[list[Sample]], Sequence[float | None]]) -> list[int]:
+    """For each prompt's candidates, the index of the highest-scored one (first on ties; None scores lowest).
+
+    ``scorer`` takes a flat list of samples (e.g. ``lambda s: prm_reward(s, model_path=...)``) and is called
+    once for all prompts.
+    """
+    flat = [s for group in samples_by_prompt for s in group]
+    scores = list(scorer(flat))
+    if len(scores) != len(flat):
+        raise ValueError(f"best_of_n: scorer returned {len(scores)} scores for {len(flat)} samples")
+    chosen, start = [], 0
+    for group in samples_by_prompt:
+        if not group:
+            raise ValueError("best_of_n: a prompt has no candidate responses")
+        vals = [-math.inf if v is None else float(v) for v in scores[start:start + len(group)]]
+        chosen.append(max(range(len(vals)), key=lambda j, v=vals: (v[j], -j)))
+        start += len(group)
+    return chosen

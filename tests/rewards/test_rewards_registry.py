@@ -1,0 +1,83 @@
+"""Registry: names, module:function references, refusals with clear messages, term resolution."""
+
+from __future__ import annotations
+
+import cascade_rl.rewards as rewards
+import pytest
+from cascade_rl.rewards import RewardLookupError, get_reward, list_rewards, register_reward, resolve_terms
+from cascade_rl.rewards.registry import _REGISTRY
+
+from cascade_rl.types import Sample
+
+BUILTINS = {"math_verify", "choice", "exact_match", "format", "boxed_format", "length_penalty", "prm",
+            "contains_answer"}
+
+
+def test_importing_the_package_registers_the_builtins() -> None:
+    listed = list_rewards()
+    assert BUILTINS <= set(listed)
+    fn, doc, batched = listed["prm"]
+    assert batched and fn is rewards.prm.prm_reward and doc.startswith("Process reward model")
+    assert listed["math_verify"][2] is False
+
+
+def test_external_module_function_reference_works() -> None:
+    fn = get_reward("my_ext_reward:shout")
+    assert fn(Sample(prompt=[], response="YES"), bonus=0.5) == 1.5
+    with rewards.RewardScorer([("my_ext_reward:shout", 2.0, {"bonus": 0.25})], num_workers=1) as scorer:
+        (res,) = scorer.score([Sample(prompt=[], response="LOUD")])
+    assert res.components == {"shout": 1.25} and res.total == 2.5  # 2.0 * (1 + 0.25)
+
+
+def test_duplicate_registration_is_refused_naming_both_modules() -> None:
+    @register_reward("dup_test_reward")
+    def first(sample: Sample) -> float:
+        return 1.0
+
+    def second(sample: Sample) -> float:
+        return 0.0
+
+    second.__module__ = "some_other_pkg.rewards"
+    try:
+        with pytest.raises(ValueError, match="registered twice") as info:
+            register_reward("dup_test_reward")(second)
+        msg = str(info.value)
+        assert "test_rewards_registry" in msg and "some_other_pkg.rewards" in msg
+        register_reward("dup_test_reward")(first)  # the same function again (a reload) is fine
+    finally:
+        _REGISTRY.pop("dup_test_reward", None)
+
+
+def test_unknown_name_lists_registered_and_suggests() -> None:
+    with pytest.raises(RewardLookupError) as info:
+        get_reward("math_verfy")
+    msg = str(info.value)
+    assert "Did you mean 'math_verify'?" in msg and "exact_match" in msg and "module:function" in msg
+
+
+@pytest.mark.parametrize("spec", ["rewards/evil.py", "evil.py", "http://x.org/r:fn", "C:\\r\\x:fn", "a\\b"])
+def test_paths_and_urls_are_refused(spec: str) -> None:
+    with pytest.raises(RewardLookupError, match="file path or URL"):
+        get_reward(spec)
+
+
+@pytest.mark.parametrize("spec, why", [("no_such_module_xyz:fn", "cannot import"),
+                                       ("my_ext_reward:nope", "has no attribute"),
+                                       ("my_ext_reward:", "not of the form"),
+                                       ("os:sep", "not a function")])
+def test_bad_references_explain(spec: str, why: str) -> None:
+    with pytest.raises(RewardLookupError, match=why):
+        get_reward(spec)
+
+
+def test_resolve_terms_labels_and_errors_name_the_key() -> None:
+    terms = resolve_terms([("math_verify", 1, {}), ("math_verify", 0.5, {"mode": "boxed"}),
+                           ("my_ext_reward:shout", 1.0, {})])
+    assert [t.label for t in terms] == ["math_verify", "math_verify_2", "shout"]
+    assert terms[0].ref == "cascade_rl.rewards.math_verify_reward:math_verify_reward"
+    with pytest.raises(RewardLookupError, match=r"reward\.terms\.1\.name: unknown reward 'nope'"):
+        resolve_terms([("format", 1.0, {}), ("nope", 1.0, {})])
+    with pytest.raises(ValueError, match=r"reward\.terms\.0\.weight"):
+        resolve_terms([("format", "heavy", {})])
+    with pytest.raises(ValueError, match=r"reward\.terms\.0\.kwargs"):
+        resolve_terms([("format", 1.0, [1])])

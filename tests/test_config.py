@@ -1,0 +1,87 @@
+"""Recipe loading: base chains, overrides, typos with suggestions, wrong types, gathered cross-field errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cascade_rl.config import ConfigError, flatten, load_recipe, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe: Path) -> None:
+    cfg = load_recipe(recipe)
+    assert cfg.stages and all(s.name for s in cfg.stages)
+
+
+def test_base_and_overrides(tmp_path: Path) -> None:
+    _write(tmp_path, "base.yaml", "name: a\nseed: 1\nstages: [{kind: sft}]\nrollout: {group_size: 4}\n")
+    child = _write(tmp_path, "child.yaml", "base: base.yaml\nname: b\n")
+    cfg = load_recipe(child, ["seed=7", "rollout.temperature=0.5", "tracking.tags={team: rl}"])
+    assert (cfg.name, cfg.seed, cfg.rollout.group_size, cfg.rollout.temperature) == ("b", 7, 4, 0.5)
+    assert cfg.run_dir == "runs/b"  # ${name} interpolation resolved after the merge
+    assert cfg.tracking.tags == {"team": "rl"}
+    assert flatten(cfg)["rollout.group_size"] == "4"
+    assert "group_size: 4" in to_yaml(cfg)
+
+
+def test_misspelt_key_names_key_file_and_suggestion(tmp_path: Path) -> None:
+    path = _write(tmp_path, "typo.yaml", "stages: [{kind: sft}]\nrollout: {group_sise: 4}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert "rollout.group_sise" in msg and str(path) in msg and "Did you mean `rollout.group_size`" in msg
+
+
+def test_misspelt_override_and_nested_stage_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, "ok.yaml", "stages: [{kind: sft}, {kind: gspo}]\n")
+    with pytest.raises(ConfigError, match="learner.zero_stag.*Did you mean `learner.zero_stage`"):
+        load_recipe(path, ["learner.zero_stag=3"])
+    with pytest.raises(ConfigError, match="clip_hgh.*clip_high"):
+        load_recipe(path, ["stages.1.gspo.clip_hgh=0.3"])
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path: Path) -> None:
+    path = _write(tmp_path, "type.yaml", "stages: [{kind: sft}]\nrollout: {group_size: four}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert "rollout.group_size" in str(err.value) and "int" in str(err.value)
+    with pytest.raises(ConfigError, match="stages.0.kind|stages\\[0\\].kind"):
+        load_recipe(_write(tmp_path, "kind.yaml", "stages: [{kind: ppo}]\n"))
+
+
+def test_cross_field_problems_are_gathered(tmp_path: Path) -> None:
+    path = _write(tmp_path, "bad.yaml", "rollout: {group_size: -1}\nstages:\n"
+                  "  - {kind: gspo, gspo: {clip_low: 1.5}}\n  - {kind: mpo}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert "rollout.group_size=-1" in msg
+    assert "stages.0.gspo.clip_low=1.5" in msg
+    assert "stages.1: mpo needs a rollout stage" in msg
+    assert msg.count("\n  - ") >= 3
+
+
+def test_missing_file_and_base_loop(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    loop = _write(tmp_path, "loop.yaml", "base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_recipe(loop)
+
+
+def test_recipe_reference_matches_dataclasses() -> None:
+    from cascade_rl.config import reference_markdown
+
+    shipped = (ROOT / "docs" / "recipe_reference.md").read_text().strip()
+    assert shipped == reference_markdown().strip(), (
+        "docs/recipe_reference.md is stale: run `python -m cascade_rl.config > docs/recipe_reference.md`")

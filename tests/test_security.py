@@ -1,0 +1,117 @@
+"""Security defaults: bind-address warnings, redaction of secrets before MLflow/logs, reward specs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from cascade_rl.config import flatten, load_recipe
+from cascade_rl.security import (
+    REDACTED,
+    check_bind_address,
+    check_reward_spec,
+    is_secret_key,
+    recipe_problems,
+    redact,
+    redact_text,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "10.0.3.7", "172.20.1.1", "192.168.1.5",
+                                  "fd00::5", "head-svc.default.svc.cluster.local"])
+def test_loopback_private_and_hostnames_pass(host: str) -> None:
+    assert check_bind_address(host, "Ray dashboard") == []
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]", "", None, "*"])
+def test_wildcards_warn_and_say_what_to_do(host: str | None) -> None:
+    (warning,) = check_bind_address(host, "MLflow UI")
+    assert warning.startswith("MLflow UI binds to") and "every interface" in warning
+    assert "127.0.0.1" in warning and "RAY_AUTH_MODE=token" in warning
+
+
+@pytest.mark.parametrize("host", ["8.8.8.8", "2001:4860:4860::8888"])
+def test_public_addresses_warn(host: str) -> None:
+    (warning,) = check_bind_address(host, "Ray dashboard")
+    assert f"public address {host}" in warning
+
+
+@pytest.mark.parametrize("key", ["hf_token", "tracking.password", "reward.terms.0.kwargs.api_key", "apiKey",
+                                 "OPENAI_API_KEY", "aws_secret_access_key", "db-passwd", "RAY_AUTH_TOKEN",
+                                 "credentials", "client_secret", "private-key"])
+def test_secret_keys(key: str) -> None:
+    assert is_secret_key(key)
+
+
+@pytest.mark.parametrize("key", ["model.max_response_tokens", "learner.micro_batch_tokens", "tokenizer",
+                                 "eval/response_tokens", "rollout.num_workers", "keep_last", "monkey"])
+def test_not_secret_keys(key: str) -> None:
+    assert not is_secret_key(key)
+
+
+def test_redact_hides_secret_values_and_url_passwords_keeps_the_rest() -> None:
+    params = {
+        "model.max_response_tokens": "24",
+        "reward.terms.0.kwargs.api_key": "sk-abc123",
+        "tracking.uri": "https://alice:s3cr3t@mlflow.internal:5000",
+        "empty_token": "",
+        "nested": {"hf_token": "hf_xyz", "path": "/data", "urls": ["postgresql://u:pw@db/x", "file:///tmp"]},
+    }
+    out = redact(params)
+    assert out == {
+        "model.max_response_tokens": "24",
+        "reward.terms.0.kwargs.api_key": REDACTED,
+        "tracking.uri": f"https://alice:{REDACTED}@mlflow.internal:5000",
+        "empty_token": "",  # nothing to hide; keeps "not set" visible
+        "nested": {"hf_token": REDACTED, "path": "/data", "urls": [f"postgresql://u:{REDACTED}@db/x", "file:///tmp"]},
+    }
+    assert params["reward.terms.0.kwargs.api_key"] == "sk-abc123"  # the input is not modified
+    assert "s3cr3t" not in str(out) and "sk-abc123" not in str(out)
+    assert redact_text("see https://bob:pw@host/x and http://host/y") == f"see https://bob:{REDACTED}@host/x and http://host/y"
+
+
+def test_redacting_the_flattened_tiny_recipe_changes_nothing(tmp_path: Path) -> None:
+    """The tiny recipe has no secrets: redaction must not hide its *_tokens lengths."""
+    params = flatten(load_recipe(ROOT / "recipes" / "tiny_cascade.yaml", [f"run_dir={tmp_path}"]))
+    assert redact(params) == params
+    withkey = flatten(load_recipe(ROOT / "recipes" / "tiny_cascade.yaml",
+                                  [f"run_dir={tmp_path}", "reward.terms.0.kwargs={api_key: sk-live-1}"]))
+    assert redact(withkey)["reward.terms.0.kwargs.api_key"] == REDACTED
+
+
+@pytest.mark.parametrize("spec", ["math_verify", "format-think", "prm.visual", "my_rewards.math:score",
+                                  "pkg.sub.mod:Scorer.batched"])
+def test_reward_specs_accepted(spec: str) -> None:
+    check_reward_spec(spec)
+
+
+@pytest.mark.parametrize(("spec", "why"), [
+    ("https://evil.example/reward.py", "URL"),
+    ("http://10.0.0.1:8000/score", "URL"),
+    ("file:rewards.py", "URL"),
+    ("s3://bucket/reward.py:score", "URL"),
+    ("/tmp/reward.py", "file path"),
+    ("./rewards/mine.py:score", "file path"),
+    ("~/r.py", "file path"),
+    ("rewards\\mine:score", "file path"),
+    ("mine.py", "file path"),
+    ("pkg.mod:", "pkg.module:function"),
+    ("a:b:c", "pkg.module:function"),
+    ("rm -rf x", "registered reward name"),
+    ("", "registered name"),
+])
+def test_reward_specs_rejected_with_the_key(spec: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why) as info:
+        check_reward_spec(spec, key="reward.terms.2.name")
+    assert str(info.value).startswith("reward.terms.2.name")
+
+
+def test_recipe_problems_names_each_bad_term() -> None:
+    cfg = SimpleNamespace(reward=SimpleNamespace(terms=[SimpleNamespace(name="math_verify"),
+                                                        SimpleNamespace(name="https://x/r.py")]))
+    (problem,) = recipe_problems(cfg)
+    assert problem.startswith("reward.terms.1.name='https://x/r.py'") and "URL" in problem

@@ -256,6 +256,11 @@ class VLLMBackend:
             worker_extension_cls=EXTENSION_QUALNAME, disable_log_stats=True)
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization, enable_sleep_mode=spec.enable_sleep)
+        else:
+            # A chunked prefill rewinds the request's seeded generator by offset, which CPU generators lack
+            # ("CPU Generator does not use offset"): schedule whole prompts only.
+            kwargs.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(kwargs["max_model_len"], 8192))
         if spec.is_vlm:
             kwargs["limit_mm_per_prompt"] = {"image": spec.max_images_per_prompt}
         try:

@@ -17,9 +17,12 @@ Usage: ``LearnerGroup(spec, num_ranks, num_gpus_per_rank)`` and ``RolloutGroup(s
 num_gpus_per_worker)`` each make their own ``split`` placement group; for ``colocated``, call ``make_placement`` once
 and pass ``placement=p.learner`` / ``placement=p.rollout``.
 
-Failures: a rollout or reward actor that dies mid-call (``RayActorError``) is replaced and its slice of the batch
-resubmitted; a new rollout worker first loads the current policy version (the last object-store weights are kept
-for that, one model copy in the object store; on the NCCL path the group is formed again and synced).
+Failures (``faults.py``): a rollout or reward actor that dies mid-call (``RayActorError``) is replaced and its slice
+of the batch resubmitted (up to ``max_restarts`` times per call); a new rollout worker first loads the current policy
+version (the last object-store weights and their version are kept for that, one model copy in the object store; on
+the NCCL path the group is formed again and synced). A learner rank that dies stops the group: every rank is
+killed (the survivors would wait in a collective) and ``LearnerFailedError`` names the last complete checkpoint
+and says to resume with ``resume=auto``.
 
 Learner metrics
     ``LearnerWorker.train_*`` already all-reduce their metrics across ranks (sums, token-/sequence-weighted means,
@@ -29,16 +32,24 @@ Learner metrics
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import ray
-from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cascade_rl.types import PairBatch, RewardResult, Sample, SequenceBatch
 
+from .faults import (
+    LearnerFailedError,
+    RankDiedError,
+    close_all,
+    collect_ranks,
+    gather_with_restarts,
+    learner_failure_message,
+)
 from .reward import RewardSpec, RewardTermSpec, RewardWorker
 from .rollout import GenerateResult, PromptInput, RolloutSpec, RolloutWorker, as_prompt_input
 from .weight_sync import DEFAULT_BUCKET_MB, WeightSender, find_free_port, node_ip
@@ -212,6 +223,26 @@ class LearnerGroup:
         self.workers = [cls.options(**placement.options(r)).remote(spec, r, num_ranks, addr, port)
                         for r in range(num_ranks)]
         ray.get([w.ping.remote() for w in self.workers])  # construction errors surface here
+        self.last_checkpoint: str | None = None  # newest learner checkpoint saved or loaded by this group
+        self._writing: str | None = None  # a checkpoint being saved right now
+        self._failed: LearnerFailedError | None = None
+
+    def _run(self, call: str, refs: list[ray.ObjectRef], *, skip_fetch: int | None = None) -> list[Any]:
+        """One result per rank; a dead rank stops every rank and raises ``LearnerFailedError`` (see faults.py)."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            return collect_ranks(refs, self.workers, skip_fetch=skip_fetch)
+        except RankDiedError as died:
+            cause = next(iter(died.dead.values()))
+            err = LearnerFailedError(learner_failure_message(
+                dead_ranks=sorted(died.dead), num_ranks=self.num_ranks, call=call, cause=cause,
+                last_checkpoint=self.last_checkpoint, writing=self._writing))
+            err.dead_ranks, err.call, err.last_checkpoint = sorted(died.dead), call, self.last_checkpoint
+            self._failed = err
+            for w in self.workers:  # survivors would wait in a collective until it times out
+                ray.kill(w, no_restart=True)
+            raise err from cause
 
     def _shard_seqs(self, batch: SequenceBatch) -> list[list[int]]:
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_token_ids, batch.response_token_ids, strict=True)]
@@ -231,8 +262,8 @@ class LearnerGroup:
             return []
         padded = batch.select(self._padded(len(batch)))
         shards = self._shard_seqs(padded)
-        parts = ray.get([w.compute_logprobs.remote(padded.select(s)) for w, s in zip(self.workers, shards,
-                                                                                      strict=True)])
+        parts = self._run("compute_logprobs", [w.compute_logprobs.remote(padded.select(s))
+                                               for w, s in zip(self.workers, shards, strict=True)])
         return _unshard(shards, parts, len(padded))[:len(batch)]
 
     def compute_pair_logps(self, batch: PairBatch) -> tuple[list[float], list[float]]:
@@ -240,8 +271,8 @@ class LearnerGroup:
             return [], []
         padded = _select_pairs(batch, self._padded(len(batch)))
         shards = self._shard_pairs(padded)
-        parts = ray.get([w.compute_pair_logps.remote(_select_pairs(padded, s))
-                         for w, s in zip(self.workers, shards, strict=True)])
+        parts = self._run("compute_pair_logps", [w.compute_pair_logps.remote(_select_pairs(padded, s))
+                                                 for w, s in zip(self.workers, shards, strict=True)])
         chosen = _unshard(shards, [c for c, _ in parts], len(padded))[:len(batch)]
         rejected = _unshard(shards, [r for _, r in parts], len(padded))[:len(batch)]
         return chosen, rejected
@@ -251,39 +282,43 @@ class LearnerGroup:
         kwargs.setdefault("num_global_seqs", len(batch))
         kwargs.setdefault("num_global_tokens", sum(len(r) for r in batch.response_token_ids))
         shards = self._shard_seqs(batch)
-        return ray.get([w.train_policy.remote(batch.select(s), **kwargs)
-                        for w, s in zip(self.workers, shards, strict=True)])[0]
+        return self._run("train_policy", [w.train_policy.remote(batch.select(s), **kwargs)
+                                          for w, s in zip(self.workers, shards, strict=True)])[0]
 
     def train_mpo(self, batch: PairBatch, **kwargs: Any) -> dict[str, float]:
         """One optimizer step; ``kwargs``: ``terms``, ``beta`` (``num_global_pairs`` is added)."""
         kwargs.setdefault("num_global_pairs", len(batch))
         shards = self._shard_pairs(batch)
-        return ray.get([w.train_mpo.remote(_select_pairs(batch, s), **kwargs)
-                        for w, s in zip(self.workers, shards, strict=True)])[0]
+        return self._run("train_mpo", [w.train_mpo.remote(_select_pairs(batch, s), **kwargs)
+                                       for w, s in zip(self.workers, shards, strict=True)])[0]
 
     def train_sft(self, batch: SequenceBatch, **kwargs: Any) -> dict[str, float]:
         kwargs.setdefault("num_global_tokens", sum(len(r) for r in batch.response_token_ids))
         shards = self._shard_seqs(batch)
-        return ray.get([w.train_sft.remote(batch.select(s), **kwargs)
-                        for w, s in zip(self.workers, shards, strict=True)])[0]
+        return self._run("train_sft", [w.train_sft.remote(batch.select(s), **kwargs)
+                                       for w, s in zip(self.workers, shards, strict=True)])[0]
 
     def set_lr(self, lr: float, total_steps: int, warmup_steps: int) -> None:
-        ray.get([w.set_lr.remote(lr, total_steps, warmup_steps) for w in self.workers])
+        self._run("set_lr", [w.set_lr.remote(lr, total_steps, warmup_steps) for w in self.workers])
 
     def save_checkpoint(self, folder: str, client_state: dict) -> None:
-        ray.get([w.save_checkpoint.remote(folder, client_state) for w in self.workers])
+        self._writing = folder
+        self._run("save_checkpoint", [w.save_checkpoint.remote(folder, client_state) for w in self.workers])
+        self.last_checkpoint, self._writing = folder, None
 
     def load_checkpoint(self, folder: str) -> dict:
-        return ray.get([w.load_checkpoint.remote(folder) for w in self.workers])[0]
+        state = self._run("load_checkpoint", [w.load_checkpoint.remote(folder) for w in self.workers])[0]
+        self.last_checkpoint = folder
+        return state
 
     def export_hf(self, folder: str) -> None:
-        ray.get([w.export_hf.remote(folder) for w in self.workers])
+        self._run("export_hf", [w.export_hf.remote(folder) for w in self.workers])
 
     # weight sync (used by RolloutGroup.sync_from)
     def weights_ref(self, bucket_mb: int = DEFAULT_BUCKET_MB) -> ray.ObjectRef:
         """An ObjectRef of rank 0's ``(name, tensor)`` list on the CPU; all ranks take part (ZeRO-3 gathers)."""
         refs = [w.weights_for_sync.remote(bucket_mb) for w in self.workers]
-        ray.get(refs[1:])  # other ranks return None; waits for the gathers and raises their errors
+        self._run("weights_for_sync", refs, skip_fetch=0)  # rank 0's weights stay in the object store
         return refs[0]
 
     def shutdown(self) -> None:
@@ -300,7 +335,7 @@ class RolloutGroup:
     """``num_workers`` rollout workers; prompts are split evenly (contiguous slices), results rejoined in order."""
 
     def __init__(self, spec: RolloutSpec, num_workers: int = 1, num_gpus_per_worker: float = 0.0, *,
-                 placement: GroupPlacement | None = None) -> None:
+                 placement: GroupPlacement | None = None, max_restarts: int = 2) -> None:
         self._own: Placement | None = None
         if placement is None and num_gpus_per_worker > 0:
             self._own = make_placement("split", num_learner_ranks=0, num_gpus_per_rank=num_gpus_per_worker,
@@ -315,24 +350,24 @@ class RolloutGroup:
         self._weights_ref: ray.ObjectRef | None = None  # kept so a restarted worker can load the current version
         self._learners: LearnerGroup | None = None
         self._nccl_ready = False
+        self.max_restarts = max_restarts  # per worker and call
+        self.num_restarts = 0
 
     def _spawn(self, i: int) -> Any:
         return self._cls.options(**self.placement.options(i)).remote(self.spec)
 
     def _gather(self, refs: list[ray.ObjectRef], resubmit: Any) -> list[Any]:
-        """``ray.get`` of one ref per worker; a dead worker is restarted and its call resubmitted once."""
-        try:
-            return ray.get(refs)
-        except RayActorError:
-            pass
-        dead = [i for i, r in enumerate(refs) if _failed_with_actor_error(r)]
-        for i in dead:
-            self.restart_worker(i)
-        retried = dict(zip(dead, ray.get([resubmit(i) for i in dead]), strict=True))
-        return [retried[i] if i in retried else ray.get(r) for i, r in enumerate(refs)]
+        """``ray.get`` of one ref per worker; a dead worker is restarted (at the current policy version) and its
+        call resubmitted, at most ``max_restarts`` times."""
+        return gather_with_restarts(refs, resubmit, self.restart_worker, self.max_restarts, "rollout workers")
 
     def generate(self, prompts: list[PromptInput], n: int, greedy: bool = False) -> GenerateResult:
         """``n`` responses per prompt over all workers; seeds depend on the global prompt index, not the split."""
+        return self.submit(prompts, n, greedy)()
+
+    def submit(self, prompts: list[PromptInput], n: int, greedy: bool = False) -> Callable[[], GenerateResult]:
+        """Start ``generate`` and return a function that waits for its result, so the driver can train while
+        the next batch generates (calls to a worker run in order: a later sync waits for this generation)."""
         t0 = time.perf_counter()
         prompts = [as_prompt_input(p) for p in prompts]  # ship messages and images only
         seeds = [self.spec.seed * 1_000_003 + self._calls * 65_537 + i for i in range(len(prompts))]
@@ -343,8 +378,8 @@ class RolloutGroup:
             a, b = slices[i]
             return self.workers[i].generate.remote(prompts[a:b], n, greedy=greedy, seeds=seeds[a:b])
 
-        parts = self._gather([call(i) for i in range(len(self.workers))], call)
-        return GenerateResult.concat(parts, time.perf_counter() - t0)
+        refs = [call(i) for i in range(len(self.workers))]
+        return lambda: GenerateResult.concat(self._gather(refs, call), time.perf_counter() - t0)
 
     def compute_logprobs(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]],
                          worker: int = 0) -> list[list[float]]:
@@ -358,8 +393,9 @@ class RolloutGroup:
             self._sync_nccl(learners, version, bucket_mb)
         else:
             ref = learners.weights_ref(bucket_mb)
-            ray.get([w.update_weights.remote(ref, version) for w in self.workers])
-            self._weights_ref = ref
+            self._weights_ref, self.version = ref, version  # what a worker restarted from now on loads
+            self._gather([w.update_weights.remote(ref, version) for w in self.workers],
+                         lambda i: self.workers[i].get_policy_version.remote())  # a restart loaded them
         self.version, self._learners = version, learners
         return time.perf_counter() - t0
 
@@ -384,6 +420,7 @@ class RolloutGroup:
         """Replace worker ``i`` (dead or alive) and bring it to the current policy version."""
         ray.kill(self.workers[i], no_restart=True)
         self.workers[i] = self._spawn(i)
+        self.num_restarts += 1
         ray.get(self.workers[i].get_policy_version.remote())
         if self.version == 0:
             return
@@ -403,21 +440,9 @@ class RolloutGroup:
         ray.get([w.wake_up.remote() for w in self.workers])
 
     def shutdown(self) -> None:
-        ray.get([w.shutdown.remote() for w in self.workers])
-        for w in self.workers:
-            ray.kill(w, no_restart=True)
+        close_all(self.workers, "shutdown")
         if self._own is not None:
             self._own.remove()
-
-
-def _failed_with_actor_error(ref: ray.ObjectRef) -> bool:
-    try:
-        ray.get(ref)
-    except RayActorError:
-        return True
-    except Exception:  # another error: re-raised by the caller's own ray.get
-        return False
-    return False
 
 
 # ------------------------------------------------------------------------------------------------ rewards
@@ -443,17 +468,10 @@ class RewardGroup:
             a, b = slices[i]
             return self.workers[i].score.remote(samples[a:b])
 
-        refs = [call(i) for i in range(len(self.workers))]
-        for _ in range(self.max_restarts + 1):
-            try:
-                return [r for part in ray.get(refs) for r in part]
-            except RayActorError:
-                dead = [i for i, r in enumerate(refs) if _failed_with_actor_error(r)]
-                for i in dead:
-                    self.restart_worker(i)
-                    refs[i] = call(i)
-        raise RuntimeError(f"reward workers kept dying: gave up after {self.max_restarts} restarts of a batch of "
-                           f"{len(samples)} samples; check the reward functions ({[t[0] for t in self.spec.terms]})")
+        what = f"reward workers (terms {[t[0] for t in self.spec.terms]})"
+        parts = gather_with_restarts([call(i) for i in range(len(self.workers))], call, self.restart_worker,
+                                     self.max_restarts, what)
+        return [r for part in parts for r in part]
 
     def restart_worker(self, i: int) -> None:
         ray.kill(self.workers[i], no_restart=True)
@@ -464,6 +482,4 @@ class RewardGroup:
         return ray.get([w.stats.remote() for w in self.workers])
 
     def shutdown(self) -> None:
-        ray.get([w.close.remote() for w in self.workers])
-        for w in self.workers:
-            ray.kill(w, no_restart=True)
+        close_all(self.workers, "close")

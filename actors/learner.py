@@ -64,6 +64,7 @@ from cascade_rl.algos.mpo import RewardShift, compute_mpo_loss, parse_mpo_terms
 from cascade_rl.algos.policy_loss import compute_policy_loss
 from cascade_rl.types import PairBatch, SequenceBatch
 
+from .faults import is_memory_text, learner_oom_message
 from .learner_batches import (
     ImageInputs,
     LRSchedule,
@@ -584,13 +585,16 @@ class LearnerWorker:
 
     @contextlib.contextmanager
     def _oom_guard(self, mb: MicroBatch, where: str) -> Iterator[None]:
+        """Re-raise an out-of-memory error (CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError) as
+        ``torch.OutOfMemoryError`` naming the recipe keys to change (``faults.learner_oom_message``)."""
         try:
             yield
-        except torch.OutOfMemoryError as e:
+        except RuntimeError as e:
+            if not (isinstance(e, torch.OutOfMemoryError) or is_memory_text(str(e))):
+                raise
             s = self.spec
-            raise torch.OutOfMemoryError(
-                f"learner rank {self.rank} ran out of accelerator memory in {where} on a micro-batch of "
-                f"{mb.num_tokens} tokens ({mb.num_seqs} sequences). Lower learner.micro_batch_tokens (now "
-                f"{s.micro_batch_tokens}), set learner.gradient_checkpointing=true (now {s.gradient_checkpointing}), "
-                f"raise learner.zero_stage (now {s.zero_stage}) or set learner.offload_optimizer=true. ({e})"
-            ) from e
+            raise torch.OutOfMemoryError(learner_oom_message(
+                rank=self.rank, where=where, num_tokens=mb.num_tokens, num_seqs=mb.num_seqs,
+                on_gpu=self.device.type != "cpu", micro_batch_tokens=s.micro_batch_tokens,
+                gradient_checkpointing=s.gradient_checkpointing, zero_stage=s.zero_stage,
+                offload_optimizer=s.offload_optimizer, detail=f"{type(e).__name__}: {e}")) from e

@@ -176,8 +176,12 @@ def load_images(paths: list[str]) -> list[Any]:
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"prompt image {path!r} does not exist (check data.image_key and the data file)")
-        with Image.open(path) as im:
-            images.append(im.convert("RGB"))
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL: unidentified, truncated or corrupt files
+            raise ValueError(f"prompt image {path!r} is not a readable image ({type(exc).__name__}: {exc}); "
+                             "re-save it as PNG/JPEG or drop its row from the data file") from exc
     return images
 
 
@@ -199,9 +203,10 @@ def render_prompts(prompts: list[PromptInput], processor: Any, tokenizer: Any, m
         rendered.append(RenderedPrompt(text=text, token_ids=ids, images=load_images(image_paths)))
     too_long = [(i, len(r.token_ids)) for i, r in enumerate(rendered) if len(r.token_ids) > max_prompt_tokens]
     if too_long:
-        shown = ", ".join(f"#{i} ({n} tokens)" for i, n in too_long[:10])
+        shown = ", ".join(f"#{i} ({n} tokens, {str(prompts[i][0][-1].get('content'))[:40]!r}…)"
+                          for i, n in too_long[:10])
         raise ValueError(f"{len(too_long)} prompt(s) exceed model.max_prompt_tokens={max_prompt_tokens}: {shown}; "
-                         "raise model.max_prompt_tokens or shorten the prompts")
+                         "raise model.max_prompt_tokens, or shorten or drop those prompts in the data file")
     return rendered
 
 
@@ -213,21 +218,35 @@ MEMORY_WORDS = ("kv cache", "out of memory", "outofmemory", "cuda oom", "not eno
 
 
 def explain_engine_error(exc: BaseException, spec: RolloutSpec, on_gpu: bool) -> RolloutEngineError | None:
-    """An actionable error for a vLLM memory failure (KV cache too small, OOM), or None for anything else."""
+    """An actionable error for vLLM's memory and length failures (KV cache too small or too large for the host,
+    OOM, sequences longer than the model or than max_model_len), or None for anything else."""
     text = f"{type(exc).__name__}: {exc}"
-    if not any(w in text.lower() for w in MEMORY_WORDS):
-        return None
-    max_len = spec.max_prompt_tokens + spec.max_response_tokens
-    if on_gpu:
-        fix = (f"raise rollout.gpu_memory_utilization (now {spec.gpu_memory_utilization}), or lower "
-               f"model.max_response_tokens / model.max_prompt_tokens (max_model_len = {max_len}); if the learner "
-               "shares the GPU (colocated placement), lower rollout.gpu_memory_utilization or enable "
-               "rollout.sleep_when_idle instead")
+    low, max_len = text.lower(), spec.max_prompt_tokens + spec.max_response_tokens
+    lengths = f"model.max_response_tokens / model.max_prompt_tokens (max_model_len = {max_len})"
+    if "less than requested memory for kv" in low:  # CPU: VLLM_CPU_KVCACHE_SPACE above the free host memory
+        what = "the KV cache asked for does not fit in free host memory"
+        fix = (f"lower rollout.kv_cache_gib (now {spec.kv_cache_gib} GiB, sets VLLM_CPU_KVCACHE_SPACE), or free host "
+               "memory (fewer rollout.num_workers / reward.num_workers on this machine)")
+    elif "derived max_model_len" in low:
+        what = "max_model_len is longer than the model's context"
+        fix = f"lower {lengths} to at most the model's max_position_embeddings"
+    elif "longer than the maximum model length" in low:
+        what = "a prompt is longer than max_model_len"
+        fix = ("raise model.max_prompt_tokens, or shorten that prompt (a VLM prompt also counts its image tokens: "
+               "fewer or smaller images)")
+    elif any(w in low for w in MEMORY_WORDS):
+        what = "ran out of memory"
+        if on_gpu:
+            fix = (f"raise rollout.gpu_memory_utilization (now {spec.gpu_memory_utilization}), or lower {lengths}; "
+                   "if the learner shares the GPU (colocated placement), lower rollout.gpu_memory_utilization or "
+                   "enable rollout.sleep_when_idle instead")
+        else:
+            fix = (f"raise rollout.kv_cache_gib (now {spec.kv_cache_gib} GiB, sets VLLM_CPU_KVCACHE_SPACE), or lower "
+                   f"{lengths}")
     else:
-        fix = (f"raise rollout.kv_cache_gib (now {spec.kv_cache_gib} GiB, sets VLLM_CPU_KVCACHE_SPACE), or lower "
-               f"model.max_response_tokens / model.max_prompt_tokens (max_model_len = {max_len})")
+        return None
     first = text.strip().splitlines()[0][:400]
-    return RolloutEngineError(f"vLLM ran out of memory for {spec.model_path}: {fix}. Engine said: {first}")
+    return RolloutEngineError(f"vLLM {what} for {spec.model_path}: {fix}. Engine said: {first}")
 
 
 # ------------------------------------------------------------------------------------------------ vLLM

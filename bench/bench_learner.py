@@ -14,18 +14,17 @@ estimate ``6 · N · tokens`` for a training step (``2 · N · tokens`` forward 
 embedding counted once); attention's own FLOPs and gradient-checkpointing recomputation are not counted, and the
 learner runs the LM head only on response positions, so the estimate slightly overstates the work actually done.
 
-``--shape qwen3-0.6b`` builds (once, into ``--model-dir``) a random-initialised Qwen3-0.6B-shaped model (vocab
-151,936, hidden 1024, 28 layers, 16/8 heads, head_dim 128, tied embeddings); ``--shape tiny`` uses
-``cascade_rl.data.tiny_models.build_tiny_lm``. Writes ``bench/results/learner_<device>.json`` and prints it.
+``--shape qwen3-0.6b`` builds (once, into ``--model-dir``; ``bench_rollout.build_qwen3_shape``, shared by the
+benches) a random-initialised Qwen3-0.6B-shaped model (vocab 151,936, hidden 1024, 28 layers, 16/8 heads, head_dim
+128, tied embeddings); ``--shape tiny`` uses ``cascade_rl.data.tiny_models.build_tiny_lm``.
+Writes ``bench/results/learner_<device>.json`` and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -36,43 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-QWEN3_06B = dict(vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40_960,
-                 rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True)
-
-
-def ensure_project_importable() -> None:
-    """Map ``actors/`` to ``cascade_rl.actors`` when the project is on ``PYTHONPATH`` but not installed."""
-    sys.path.insert(0, str(ROOT))
-    if importlib.util.find_spec("cascade_rl.actors") is not None:
-        return
-    import cascade_rl
-
-    spec = importlib.util.spec_from_file_location("cascade_rl.actors", ROOT / "actors" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "actors")])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cascade_rl.actors"] = module
-    cascade_rl.actors = module  # type: ignore[attr-defined]
-    spec.loader.exec_module(module)
-
-
-def build_qwen3_shape(out: Path) -> Path:
-    """A random Qwen3-0.6B-shaped model in bf16 (no tokenizer: the benchmark feeds token ids)."""
-    if (out / "config.json").is_file():
-        return out
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(Qwen3Config(**QWEN3_06B, eos_token_id=2, pad_token_id=0),
-                                                 dtype=torch.bfloat16)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    os.replace(tmp, out)
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rollout import DEFAULT_MODEL_DIR, build_qwen3_shape, device_info  # noqa: E402  (one model shape)
 
 
 def free_port() -> int:
@@ -112,7 +76,7 @@ def main() -> None:
     ap.add_argument("--model-path", default=None, help="a Hugging Face folder (overrides --shape)")
     ap.add_argument("--shape", choices=["tiny", "qwen3-0.6b"], default=None,
                     help="model built from config (default: qwen3-0.6b on cuda, tiny on cpu)")
-    ap.add_argument("--model-dir", default="/tmp/cascade_rl_bench/qwen3-0.6b", help="where --shape qwen3-0.6b goes")
+    ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="where --shape qwen3-0.6b goes")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024 cuda / 64 cpu)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 64 cuda / 8 cpu)")
     ap.add_argument("--response-frac", type=float, default=0.75, help="share of each sequence that is response")
@@ -135,7 +99,6 @@ def main() -> None:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    ensure_project_importable()
     import torch
     from cascade_rl.actors.learner import LearnerSpec, LearnerWorker
 
@@ -169,11 +132,11 @@ def main() -> None:
     train_s, metrics = timed(step, args.warmup, args.steps)
     peak = args.peak_tflops * 1e12
     result = {
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine()),
-        "model": args.model_path or args.shape, "num_params": num_params, "dtype": args.dtype,
-        "zero_stage": args.zero_stage, "attn_implementation": worker.model.config._attn_implementation,
-        "packed": worker._packed, "packing_check_diff": worker.packing_check_diff, "gradient_checkpointing": args.gradient_checkpointing,
+        "bench": "learner", **device_info(args.device), "objective": "gspo (clip 0.2 / 0.28)",
+        "model": Path(args.model_path).name if args.model_path else args.shape, "num_params": num_params,
+        "dtype": args.dtype, "zero_stage": args.zero_stage,
+        "attn_implementation": worker.model.config._attn_implementation, "packed": worker._packed,
+        "packing_check_diff": worker.packing_check_diff, "gradient_checkpointing": args.gradient_checkpointing,
         "batch": args.batch, "seq_len": args.seq_len, "response_frac": args.response_frac,
         "micro_batch_tokens": args.micro_batch_tokens, "tokens_per_step": tokens,
         "train_step_s": round(train_s, 4), "train_tokens_per_s": round(tokens / train_s, 1),

@@ -2,17 +2,22 @@
 
     python bench/bench_rollout.py --device cuda     # GPU: random Qwen3-0.6B shape, 256 prompts x 512 tokens
     python bench/bench_rollout.py --device cpu      # CPU smoke: the tiny LM, 16 prompts x 32 tokens (< 2 min)
+    python bench/bench_rollout.py --build-only      # only build the Qwen3-0.6B-shaped model (other benches reuse it)
 
-Both paths use the worker's own ``vllm.LLM`` (one engine, so no second start and the same KV cache):
-- ``plain``: ``llm.generate`` on pre-tokenised prompts, ``SamplingParams(n, temperature=1, max_tokens,
-  ignore_eos=True)`` (the pattern of shared/device/scripts/bench_vllm.py);
-- ``worker``: ``RolloutWorker.generate(chat messages, n)``: chat template + tokenisation, ``logprobs=0`` (the
-  sampled token's log-prob), per-prompt seeds and ``Generation`` records.
+All paths use the worker's own ``vllm.LLM`` (one engine, so no second start and the same KV cache) on the same
+token ids (the worker's chat-template rendering of the prompts), temperature 1, ``max_tokens``, ``ignore_eos``:
+- ``plain``: ``llm.generate(prompts, SamplingParams(n, temperature=1, max_tokens, ignore_eos=True))``, the call
+  a user of vLLM would write; the headline baseline;
+- ``plain_seeded``: the same with one ``seed`` per prompt (vLLM then samples with a generator per request);
+- ``plain_worker_params``: exactly the worker's per-prompt ``SamplingParams`` (seed, ``logprobs=0``, ...), so
+  ``worker / plain_worker_params`` is the cost of the worker's own Python (rendering, records) alone;
+- ``worker``: ``RolloutWorker.generate(chat messages, n)``: chat template + tokenisation, per-prompt seeds,
+  ``logprobs=0`` (the sampled token's log-prob), ``Generation`` records.
 Two layouts with the same number of sequences: ``n1`` (P prompts, n=1) and ``group`` (P/G prompts, n=G, the RL
-case: one prefill per group). Rounds alternate plain/worker; the best round of each counts.
-``ratio = worker tokens/s / plain tokens/s`` (1.0 = no overhead). Writes ``bench/results/rollout_<tag>.json``
-(tag: ``cpu`` or the GPU's name) and prints it. On a GPU host without an editable install, run from the repo root;
-the script maps ``actors/`` to ``cascade_rl.actors`` itself.
+case: one prefill per group). Rounds cycle through the paths; the best round of each counts.
+``ratio_worker_over_plain = worker tokens/s / plain tokens/s`` (1.0 = no overhead; target >= 0.95). Writes
+``bench/results/rollout_<device>.json`` and prints it. On a GPU host without an editable install, run from the
+repo root with the root on ``PYTHONPATH``.
 
 Models: ``--shape qwen3-0.6b`` builds (once, into ``--model-dir``) a random-initialised Qwen3-0.6B-shaped model
 (vocab 151,936, hidden 1024, 28 layers, 16/8 heads, head_dim 128, tied embeddings) with an offline word-level
@@ -28,7 +33,6 @@ import json
 import os
 import platform
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -108,20 +112,35 @@ def make_prompts(shape: str, num: int, prompt_tokens: int) -> list[tuple[list[di
     return [([{"role": "user", "content": t}], []) for t in texts]
 
 
-def device_tag(device: str) -> tuple[str, str]:
-    """(file tag, full device name)."""
+DEFAULT_MODEL_DIR = ROOT / ".cache" / "cascade_rl" / "bench" / "qwen3-0.6b"
+
+
+def device_info(device: str) -> dict[str, Any]:
+    """What ran the bench: device kind, the GPU's name and how many GPUs the host shows (or the CPU)."""
     if device == "cpu":
-        return "cpu", platform.processor() or platform.machine()
+        return {"device": "cpu", "device_name": platform.processor() or platform.machine(), "gpu_count": 0}
     import torch
 
-    name = torch.cuda.get_device_name(0)
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"), name
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"device": "cuda", "device_name": names[0], "gpu_count": len(names),
+            "cuda": torch.version.cuda}
 
 
-def run_plain(llm: Any, token_prompts: list[list[int]], n: int, max_tokens: int, seed: int) -> tuple[int, float]:
+def device_tag(device: str) -> tuple[str, str]:
+    """(file tag, device name); the tag is the device kind (``cpu`` / ``cuda``), the JSON names the device."""
+    return device, device_info(device)["device_name"]
+
+
+def plain_params(n: int, max_tokens: int, seeds: list[int] | None) -> Any:
+    """The plain call's sampling parameters: one object, or one per prompt when seeded."""
     from vllm import SamplingParams
 
-    params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=seed)
+    if seeds is None:
+        return SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
+    return [SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=s) for s in seeds]
+
+
+def run_plain(llm: Any, token_prompts: list[list[int]], params: Any) -> tuple[int, float]:
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in token_prompts], params, use_tqdm=False)
     dt = time.perf_counter() - t0
@@ -136,20 +155,56 @@ def run_worker(worker: Any, prompts: list, n: int) -> tuple[int, float]:
     return out.num_output_tokens, dt
 
 
+def bench_layout(worker: Any, prompts: list, n: int, tokens: int, rounds: int) -> dict[str, Any]:
+    """Every path ``rounds`` times, interleaved; the best round of each path counts."""
+    from cascade_rl.actors.rollout import render_prompts
+
+    llm, tok = worker.engine.llm, worker.engine.tokenizer
+    token_prompts = [r.token_ids for r in render_prompts(prompts, tok, tok, 10**6, False)]
+    paths: dict[str, Any] = {
+        "plain": lambda r: run_plain(llm, token_prompts, plain_params(n, tokens, None)),
+        "plain_seeded": lambda r: run_plain(llm, token_prompts, plain_params(
+            n, tokens, [1000 * r + i for i in range(len(prompts))])),
+        "plain_worker_params": lambda r: run_plain(llm, token_prompts, [
+            worker.engine._params(n, False, 1000 * r + i) for i in range(len(prompts))]),
+        "worker": lambda r: run_worker(worker, prompts, n),
+    }
+    rounds_out: dict[str, list[tuple[int, float]]] = {k: [] for k in paths}
+    for r in range(rounds):
+        for name, fn in paths.items():
+            rounds_out[name].append(fn(r))
+    best = {k: max(v, key=lambda x: x[0] / x[1]) for k, v in rounds_out.items()}
+    rate = {k: t / s for k, (t, s) in best.items()}
+    return {
+        "prompts": len(prompts), "n": n, "sequences": len(prompts) * n,
+        **{k: {"out_tokens": t, "seconds": round(s, 3), "tok_per_s": round(t / s, 1),
+               "all_rounds_tok_per_s": [round(a / b, 1) for a, b in rounds_out[k]]} for k, (t, s) in best.items()},
+        "ratio_worker_over_plain": round(rate["worker"] / rate["plain"], 3),
+        "ratio_worker_over_plain_worker_params": round(rate["worker"] / rate["plain_worker_params"], 3),
+        "ratio_plain_seeded_over_plain": round(rate["plain_seeded"] / rate["plain"], 3),
+        "ratio_plain_worker_params_over_plain": round(rate["plain_worker_params"] / rate["plain"], 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--shape", choices=["qwen3-0.6b", "tiny"], default=None, help="default: qwen3-0.6b on cuda")
-    ap.add_argument("--model-dir", default="/tmp/cascade_rl_bench/qwen3-0.6b")
+    ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="where --shape qwen3-0.6b is built")
     ap.add_argument("--num-layers", type=int, default=None, help="override the layer count (CPU dry runs)")
+    ap.add_argument("--build-only", action="store_true", help="build the Qwen3-0.6B-shaped model and exit")
     ap.add_argument("--prompts", type=int, default=None, help="default 256 (cuda) / 16 (cpu)")
     ap.add_argument("--tokens", type=int, default=None, help="output tokens per sequence: 512 (cuda) / 32 (cpu)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--enforce-eager", action="store_true", help="default on cpu; on cuda benchmark without it")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.build_only:
+        print(build_qwen3_shape(Path(args.model_dir), args.num_layers))
+        return
     gpu = args.device == "cuda"
     shape = args.shape or ("qwen3-0.6b" if gpu else "tiny")
     num = args.prompts or (256 if gpu else 16)
@@ -159,7 +214,7 @@ def main() -> None:
 
     import torch
     import vllm
-    from cascade_rl.actors.rollout import RolloutSpec, RolloutWorker, render_prompts
+    from cascade_rl.actors.rollout import RolloutSpec, RolloutWorker
 
     t0 = time.perf_counter()
     if shape == "tiny":
@@ -171,41 +226,24 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     spec = RolloutSpec(model_path=str(model), backend="vllm", dtype="bfloat16" if gpu else "float32",
                        max_response_tokens=tokens, max_prompt_tokens=args.prompt_tokens + 32, temperature=1.0,
-                       top_p=1.0, seed=0, gpu_memory_utilization=0.5,
+                       top_p=1.0, seed=0, gpu_memory_utilization=args.gpu_memory_utilization,
                        kv_cache_gib=int(os.environ["VLLM_CPU_KVCACHE_SPACE"]),
                        enforce_eager=args.enforce_eager or not gpu, ignore_eos=True)
     t0 = time.perf_counter()
     worker = RolloutWorker(spec)
     start_s = time.perf_counter() - t0
-    llm, tok = worker.engine.llm, worker.engine.tokenizer
     layouts = {"n1": (make_prompts(shape, num, args.prompt_tokens), 1),
                "group": (make_prompts(shape, num // args.group_size, args.prompt_tokens), args.group_size)}
-    # warm-up both paths (first-call compilation, allocator growth)
-    warm = layouts["n1"][0][:8]
-    run_worker(worker, warm, 2)
-    run_plain(llm, [r.token_ids for r in render_prompts(warm, tok, tok, 10**6, False)], 2, tokens, 0)
+    # warm-up every path (first-call compilation, allocator growth, per-request generators)
+    bench_layout(worker, layouts["n1"][0][:8], 2, tokens, 1)
 
-    results: dict[str, Any] = {}
-    for name, (prompts, n) in layouts.items():
-        token_prompts = [r.token_ids for r in render_prompts(prompts, tok, tok, 10**6, False)]
-        rounds: dict[str, list[tuple[int, float]]] = {"plain": [], "worker": []}
-        for r in range(args.rounds):
-            rounds["plain"].append(run_plain(llm, token_prompts, n, tokens, seed=r))
-            rounds["worker"].append(run_worker(worker, prompts, n))
-        best = {k: max(v, key=lambda x: x[0] / x[1]) for k, v in rounds.items()}
-        results[name] = {
-            "prompts": len(prompts), "n": n, "sequences": len(prompts) * n,
-            **{k: {"out_tokens": t, "seconds": round(s, 3), "tok_per_s": round(t / s, 1),
-                   "all_rounds_tok_per_s": [round(a / b, 1) for a, b in rounds[k]]} for k, (t, s) in best.items()},
-            "ratio_worker_over_plain": round((best["worker"][0] / best["worker"][1])
-                                             / (best["plain"][0] / best["plain"][1]), 3)}
-    tag, device_name = device_tag(args.device)
-    report = {"bench": "rollout", "device": args.device, "device_name": device_name, "vllm": vllm.__version__,
-              "torch": torch.__version__, "shape": shape, "model": str(model), "num_layers": args.num_layers,
+    results = {name: bench_layout(worker, prompts, n, tokens, args.rounds) for name, (prompts, n) in layouts.items()}
+    report = {"bench": "rollout", **device_info(args.device), "vllm": vllm.__version__, "torch": torch.__version__,
+              "shape": shape, "model": Path(model).name, "num_layers": args.num_layers,
               "tokens_per_sequence": tokens, "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
-              "enforce_eager": spec.enforce_eager, "model_build_s": round(build_s, 1),
-              "engine_start_s": round(start_s, 1), "results": results}
-    out = Path(args.out or ROOT / "bench" / "results" / f"rollout_{tag}.json")
+              "enforce_eager": spec.enforce_eager, "gpu_memory_utilization": spec.gpu_memory_utilization,
+              "model_build_s": round(build_s, 1), "engine_start_s": round(start_s, 1), "results": results}
+    out = Path(args.out or ROOT / "bench" / "results" / f"rollout_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

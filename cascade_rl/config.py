@@ -8,6 +8,7 @@ carries a one-line doc (the ``doc`` metadata) with its unit; ``docs/recipe_refer
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -60,6 +61,9 @@ class RolloutConfig:
     kv_cache_gib: int = doc(1, "vLLM KV-cache size on CPU (GiB)")
     enforce_eager: bool = doc(True, "disable CUDA graphs / compilation (faster start, slower generation)")
     sleep_when_idle: bool = doc(False, "put vLLM to sleep while learners train (colocated GPUs)")
+    placement: Literal["split", "colocated"] = doc(
+        "split", "split: learners and rollout workers on separate GPUs; colocated: learner rank i and rollout "
+        "worker i share GPU i (set fractional num_gpus_per_rank/num_gpus_per_worker and sleep_when_idle)")
 
 
 @dataclass
@@ -124,6 +128,8 @@ class GSPOConfig:
     filter_equal_groups: bool = doc(True, "drop groups whose rewards are all equal (dynamic filtering)")
     pass_rate_min: float = doc(0.0, "keep prompts whose logged accuracy is >= this")
     pass_rate_max: float = doc(1.0, "keep prompts whose logged accuracy is <= this")
+    overlap: bool = doc(False, "one-step off-policy: the next batch generates while this one trains (old "
+                               "log-probs are then the rollout engine's behaviour log-probs)")
 
 
 @dataclass
@@ -350,6 +356,9 @@ def validate(cfg: RecipeConfig) -> list[str]:
         p.append(f"rollout.top_p={r.top_p}: must be in (0, 1]")
     if r.temperature < 0:
         p.append(f"rollout.temperature={r.temperature}: must be >= 0")
+    if r.sleep_when_idle and any(s.kind == "gspo" and s.gspo.overlap for s in cfg.stages):
+        p.append("rollout.sleep_when_idle and gspo.overlap both set: a sleeping engine cannot generate the next "
+                 "batch during training; turn one off")
     lr = cfg.learner
     if lr.zero_stage not in (0, 1, 2, 3):
         p.append(f"learner.zero_stage={lr.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
@@ -365,9 +374,49 @@ def validate(cfg: RecipeConfig) -> list[str]:
         p.append("reward.terms is empty: name at least one reward, e.g. `[{name: math_verify}]`")
     if cfg.reward.timeout_s <= 0:
         p.append(f"reward.timeout_s={cfg.reward.timeout_s}: must be > 0 seconds")
+    p.extend(_range_checks(cfg))
     for i, s in enumerate(cfg.stages):
         p.extend(_validate_stage(i, s, cfg))
     return p
+
+
+def _range_checks(cfg: RecipeConfig) -> list[str]:
+    """Single-field ranges: ``key=value: must be …`` for each value outside its range."""
+    def at_least(low: int) -> tuple[Any, str]:
+        return (lambda v: v >= low), f">= {low}"
+
+    finite = (math.isfinite, "a finite number")
+    m, r, w, lr, ev, ck = cfg.model, cfg.rollout, cfg.reward, cfg.learner, cfg.eval, cfg.checkpoint
+    table: list[tuple[str, Any, tuple[Any, str]]] = [
+        ("model.max_prompt_tokens", m.max_prompt_tokens, at_least(1)),
+        ("rollout.num_gpus_per_worker", r.num_gpus_per_worker, at_least(0)),
+        ("rollout.gpu_memory_utilization", r.gpu_memory_utilization, (lambda v: 0 < v <= 1, "in (0, 1]")),
+        ("rollout.kv_cache_gib", r.kv_cache_gib, at_least(1)),
+        ("reward.num_workers", w.num_workers, at_least(1)),
+        ("reward.correct_threshold", w.correct_threshold, finite),
+        *[(f"reward.terms.{i}.weight", t.weight, finite) for i, t in enumerate(w.terms)],
+        ("learner.num_gpus_per_rank", lr.num_gpus_per_rank, at_least(0)),
+        ("learner.lr", lr.lr, (lambda v: v > 0 and math.isfinite(v), "> 0")),
+        ("learner.weight_decay", lr.weight_decay, at_least(0)),
+        ("learner.warmup_steps", lr.warmup_steps, at_least(0)),
+        ("eval.every_steps", ev.every_steps, at_least(0)),
+        ("eval.num_prompts", ev.num_prompts, at_least(1)),
+        ("eval.sampled_n", ev.sampled_n, at_least(0)),
+        ("eval.num_table_rows", ev.num_table_rows, at_least(0)),
+        ("checkpoint.every_steps", ck.every_steps, at_least(0)),
+        ("checkpoint.keep_last", ck.keep_last, at_least(0)),
+        ("ray.object_store_mb", cfg.ray.object_store_mb, at_least(75)),  # Ray's own minimum is 75 MiB
+    ]
+    if cfg.ray.num_cpus is not None:
+        table.append(("ray.num_cpus", cfg.ray.num_cpus, at_least(1)))
+    for i, s in enumerate(cfg.stages):
+        if s.kind == "sft":
+            table += [(f"stages.{i}.sft.{k}", getattr(s.sft, k), at_least(1)) for k in ("epochs", "batch_size")]
+        if s.kind == "mpo":
+            table += [(f"stages.{i}.mpo.{k}", getattr(s.mpo, k), at_least(1))
+                      for k in ("epochs", "batch_size", "max_pairs_per_prompt")]
+    return [f"{key}={value!r}: must be {need}; set it in the recipe or override `{key}=…`"
+            for key, value, (ok, need) in table if not ok(value)]
 
 
 def _validate_stage(i: int, s: StageConfig, cfg: RecipeConfig) -> list[str]:

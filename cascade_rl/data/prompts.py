@@ -17,6 +17,7 @@ import hashlib
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,18 @@ def _image_paths(value: Any, base: Path) -> tuple[list[str], list[str]]:
     return paths, [p for p in paths if not Path(p).is_file()]
 
 
+def _unreadable_image(path: str) -> str | None:
+    """Why ``path`` is not a usable image (header and chunk checks, no full decode), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for a broken file
+        return f"{path} ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
+
+
 def _user_content(prompt: str, num_images: int) -> str | list[dict[str, Any]]:
     """A string prompt as user content; images go at the ``<image>`` placeholders, else before the text."""
     if not num_images:
@@ -157,6 +170,9 @@ def _row_item(row: dict[str, Any], keys: dict[str, str], base: Path, system_prom
     if missing:
         raise ValueError(f"image file(s) not found: {', '.join(missing)} (paths in column `{image_key}`, "
                          f"data.image_key, are resolved against {base})")
+    broken = [why for why in map(_unreadable_image, images) if why]
+    if broken:
+        raise ValueError(f"unreadable image file(s): {', '.join(broken)}; re-save them as PNG/JPEG or drop the row")
     try:
         messages = _messages(row[prompt_key], len(images), system_prompt)
     except ValueError as exc:
@@ -165,19 +181,50 @@ def _row_item(row: dict[str, Any], keys: dict[str, str], base: Path, system_prom
     return PromptItem(id=str(row[id_key]), messages=messages, answer=answer, images=images, metadata=metadata)
 
 
+def count_prompt_tokens(messages: list[dict[str, Any]], tokenizer: Any) -> int:
+    """Tokens of a prompt after the chat template, as the rollout worker renders it; image parts are left out, so
+    for a VLM prompt this is a lower bound (its image tokens come on top)."""
+    flat = [{**m, "content": m["content"] if isinstance(m["content"], str) else
+             " ".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))} for m in messages]
+    text = tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _too_long(item: PromptItem, tokenizer: Any, max_prompt_tokens: int | None) -> str | None:
+    if tokenizer is None or max_prompt_tokens is None:
+        return None
+    n = count_prompt_tokens(item.messages, tokenizer)
+    if n <= max_prompt_tokens:
+        return None
+    return (f"prompt is {n} tokens after the chat template, over model.max_prompt_tokens={max_prompt_tokens}; "
+            "shorten or drop the row, or raise model.max_prompt_tokens")
+
+
+def _warn_unused_image_column(path: Path, columns: list[str], image_key: str) -> None:
+    """The image column is optional, so a misnamed one would silently drop every image: say so."""
+    if image_key not in columns:
+        maybe = [c for c in columns if "image" in c.lower() or "img" in c.lower()]
+        if maybe:
+            warnings.warn(f"{path}: no column `{image_key}` (data.image_key), so prompts get no images, but column(s) "
+                          f"{', '.join(maybe)} look like images; set data.image_key if they are", stacklevel=3)
+
+
 def load_prompts(path: str | Path, *, id_key: str = "id", prompt_key: str = "prompt", answer_key: str = "answer",
-                 image_key: str = "images", system_prompt: str | None = None,
-                 limit: int | None = None) -> list[PromptItem]:
+                 image_key: str = "images", system_prompt: str | None = None, limit: int | None = None,
+                 tokenizer: Any = None, max_prompt_tokens: int | None = None) -> list[PromptItem]:
     """Read a JSONL/parquet prompt file (``datasets``, offline) into ``PromptItem``s, checking every row.
 
     ``id_key``, ``prompt_key`` and ``answer_key`` columns are required (an answer cell may be null); the
     ``image_key`` column is optional. Numeric answers become strings (``7.0`` -> ``"7"``). ``limit`` keeps the
-    first rows. Raises ``PromptDataError`` listing every bad row (up to 10) and ``FileNotFoundError``.
+    first rows. With ``tokenizer`` and ``max_prompt_tokens``, a prompt longer than that after the chat template is
+    a bad row too (found here, by row, rather than by a rollout worker mid-run). Raises ``PromptDataError``
+    listing every bad row (up to 10) and ``FileNotFoundError``.
     """
     path = Path(path).expanduser().resolve()
     columns, rows, _ = _read_rows(path)
     keys = {"id_key": id_key, "prompt_key": prompt_key, "answer_key": answer_key, "image_key": image_key}
     _check_columns(path, columns, {k: v for k, v in keys.items() if k != "image_key"})
+    _warn_unused_image_column(path, columns, image_key)
     rows = rows[:limit] if limit is not None else rows
     if not rows:
         raise PromptDataError(f"{path}: no rows; point data.train / data.eval at a file with prompts")
@@ -187,6 +234,10 @@ def load_prompts(path: str | Path, *, id_key: str = "id", prompt_key: str = "pro
             item = _row_item(row, keys, path.parent, system_prompt)
         except ValueError as exc:
             problems.append(f"row {i} (id {row.get(id_key)!r}): {exc}")
+            continue
+        too_long = _too_long(item, tokenizer, max_prompt_tokens)
+        if too_long:
+            problems.append(f"row {i} (id {item.id!r}): {too_long}")
             continue
         if item.id in seen:
             problems.append(f"row {i}: duplicate id {item.id!r} (also row {seen[item.id]}); ids in column "

@@ -84,7 +84,8 @@ def _corrupt_error(path: Path, exc: Exception) -> CorruptShardError:
     return CorruptShardError(
         f"rollout log shard {path} is not readable parquet ({type(exc).__name__}: {exc}). It was probably "
         f"truncated by an interrupted copy or a full disk (the writer itself never leaves half shards). Move it "
-        f"out of the folder, or pass skip_corrupt=True to read the other shards and skip it with a warning.")
+        f"out of the folder (its records are then missing from the log), or pass skip_corrupt=True "
+        f"(`--skip-corrupt` in `cascade-rl logs` / `pairs`) to read the other shards and skip it with a warning.")
 
 
 def _read_shard(path: Path, columns: list[str] | None) -> pa.Table:
@@ -111,8 +112,10 @@ def _read_shard(path: Path, columns: list[str] | None) -> pa.Table:
                          f"in docs/rollout_logs.md") from exc
 
 
-def _read_tables(folder: str | Path, columns: list[str] | None, skip_corrupt: bool) -> list[pa.Table]:
-    tables, skipped = [], []
+def _read_tables(folder: str | Path, columns: list[str] | None, skip_corrupt: bool,
+                 skipped: list[str] | None = None) -> list[pa.Table]:
+    """Every shard as a table; corrupt ones raise, or with ``skip_corrupt`` are named in ``skipped`` and warned."""
+    tables, skipped = [], skipped if skipped is not None else []
     for path in list_shards(folder):
         try:
             tables.append(_read_shard(path, columns))
@@ -126,13 +129,14 @@ def _read_tables(folder: str | Path, columns: list[str] | None, skip_corrupt: bo
     return tables
 
 
-def read_rollout_table(folder: str | Path, *, columns: list[str] | None = None,
-                       skip_corrupt: bool = False) -> pa.Table:
-    """All shards of a log as one pyarrow table (optionally only ``columns``), in shard order."""
+def read_rollout_table(folder: str | Path, *, columns: list[str] | None = None, skip_corrupt: bool = False,
+                       skipped: list[str] | None = None) -> pa.Table:
+    """All shards of a log as one pyarrow table (optionally only ``columns``), in shard order. With
+    ``skip_corrupt``, unreadable shards are left out with a warning and their names appended to ``skipped``."""
     unknown = [c for c in columns or [] if c not in ROLLOUT_SCHEMA.names]
     if unknown:
         raise ValueError(f"unknown rollout log columns {unknown}; valid: {ROLLOUT_SCHEMA.names}")
-    tables = _read_tables(folder, columns, skip_corrupt)
+    tables = _read_tables(folder, columns, skip_corrupt, skipped)
     if not tables:
         schema = ROLLOUT_SCHEMA if columns is None else pa.schema([ROLLOUT_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
@@ -299,7 +303,8 @@ def summarize_rollout_log(folder: str | Path, *, skip_corrupt: bool = False) -> 
     """
     cols = ["run_id", "stage", "prompt_id", "ground_truth", "correct", "reward", "finish_reason", "error",
             "num_response_tokens"]
-    rows = read_rollout_table(folder, columns=cols, skip_corrupt=skip_corrupt).to_pylist()
+    skipped: list[str] = []
+    rows = read_rollout_table(folder, columns=cols, skip_corrupt=skip_corrupt, skipped=skipped).to_pylist()
     checkable = [r for r in rows if r["ground_truth"] is not None]
     scored = [r for r in rows if r["correct"] is not None]
     num_right = sum(r["correct"] is True for r in rows)
@@ -311,7 +316,7 @@ def summarize_rollout_log(folder: str | Path, *, skip_corrupt: bool = False) -> 
         return dict(sorted(out.items()))
 
     return {
-        "num_records": len(rows), "num_shards": len(list_shards(folder)),
+        "num_records": len(rows), "num_shards": len(list_shards(folder)), "num_corrupt_shards_skipped": len(skipped),
         "num_prompts": len({r["prompt_id"] for r in rows}),
         "num_prompts_without_answer": len({r["prompt_id"] for r in rows if r["ground_truth"] is None}),
         "num_scored": len(scored), "accuracy": num_right / len(scored) if scored else None,

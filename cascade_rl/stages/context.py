@@ -55,6 +55,7 @@ class RunContext:
     def sync_weights(self) -> float:
         """Push the learner's weights to the rollout workers, tagged with the next policy version."""
         self.state.policy_version += 1
+        self.rollout.wake_up()  # no-op unless rollout.sleep_when_idle put the engines to sleep
         return self.rollout.sync_from(self.learners, self.state.policy_version)
 
     # ------------------------------------------------------------------ checkpoints

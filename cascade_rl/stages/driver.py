@@ -16,9 +16,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..config import RecipeConfig, flatten
-from ..security import redact, redact_text
 from ..data.prompts import load_prompts, resolve_data_path
 from ..data.tiny_models import resolve_model_path
+from ..security import redact, redact_text
 from ..tracking import Tracker
 from .batching import Encoder
 from .context import RunContext
@@ -54,13 +54,16 @@ def run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None = None) -> dict
                 ctx.state.stage_index, ctx.state.stage_step = i, 0
             print(f"== stage {i}: {stage.name} ({stage.kind})", flush=True)
             t0 = time.perf_counter()
+            if cfg.rollout.sleep_when_idle and stage.kind in ("sft", "mpo"):
+                ctx.rollout.sleep()  # learner-only stage: give the GPU memory to the learners
             STAGES[stage.kind](ctx, stage, i, enc)
             ctx.log({f"perf/stage_{stage.name}_s": time.perf_counter() - t0})
             if stage.kind != "rollout":
                 ctx.sync_weights()
             ctx.checkpoint(stage, stage_done=True)
-            ctx.run_state.stage_results[stage.name] = ctx.evaluate(stage.name)
-            ctx.run_state.save(run_dir)
+            if stage.kind != "rollout":  # a rollout stage leaves the policy as it was
+                ctx.run_state.stage_results[stage.name] = ctx.evaluate(stage.name)
+                ctx.run_state.save(run_dir)
             ctx.state.stage_index, ctx.state.stage_step = i + 1, 0
         if cfg.checkpoint.export_hf:
             ctx.learners.export_hf(str(run_dir / "final_hf"))

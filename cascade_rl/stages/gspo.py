@@ -30,10 +30,14 @@ def run_gspo(ctx: RunContext, stage: StageConfig, index: int) -> None:
     writer = _open_log(ctx, stage)
     ctx.learners.set_lr(stage.lr or ctx.cfg.learner.lr, g.num_steps * g.num_minibatches, ctx.cfg.learner.warmup_steps)
     bar = tqdm(total=g.num_steps, initial=ctx.state.stage_step, desc=f"[{stage.name}] {g.loss}", unit="step")
+    pending = None  # with gspo.overlap: the next batch, generating while this one trains
     for step in range(ctx.state.stage_step, g.num_steps):
         t_step = time.perf_counter()
         batch_prompts = _prompts_for_step(prompts, step, g.prompts_per_step, ctx.cfg.seed)
-        out = ctx.rollout.generate(batch_prompts, G)                                   # generate
+        out = (pending or ctx.rollout.submit(batch_prompts, G))()                      # generate
+        pending = None
+        if g.overlap and step + 1 < g.num_steps:
+            pending = ctx.rollout.submit(_prompts_for_step(prompts, step + 1, g.prompts_per_step, ctx.cfg.seed), G)
         t0 = time.perf_counter()
         results = ctx.score(batch_prompts, out.generations)                            # score
         score_s = time.perf_counter() - t0
@@ -41,6 +45,8 @@ def run_gspo(ctx: RunContext, stage: StageConfig, index: int) -> None:
         adv = compute_group_advantages(torch.tensor([r.total for r in results], dtype=torch.float32), G,
                                        scale_std=g.scale_std, filter_equal=g.filter_equal_groups)
         keep = [i for i in range(len(results)) if adv.mask[i] > 0]                     # dynamic filtering
+        if ctx.cfg.rollout.sleep_when_idle:
+            ctx.rollout.sleep()                                                        # free GPU memory
         t0 = time.perf_counter()
         train_metrics = _update(ctx, stage, out.generations, adv.advantages.tolist(), keep) if keep else {}
         train_s = time.perf_counter() - t0
@@ -66,7 +72,10 @@ def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[fl
     batch = SequenceBatch(prompt_token_ids=[list(gens[i].prompt_token_ids) for i in keep],
                           response_token_ids=[list(gens[i].token_ids) for i in keep],
                           advantages=[advantages[i] for i in keep])
-    batch.old_logprobs = ctx.learners.compute_logprobs(batch)
+    # on-policy: the learner's own log-probs (no engine mismatch); overlapped: the behaviour policy's, since the
+    # learner has moved one update past the policy that generated the batch
+    batch.old_logprobs = ([list(gens[i].logprobs) for i in keep] if g.overlap
+                          else ctx.learners.compute_logprobs(batch))
     parts = [list(range(len(keep)))[j :: g.num_minibatches] for j in range(g.num_minibatches)]
     sums: dict[str, float] = {}
     for part in [p for p in parts if p]:

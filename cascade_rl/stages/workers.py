@@ -16,8 +16,10 @@ def init_ray(cfg: RecipeConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # tensors through collective_rpc
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # engine INFO lines drown the progress bars
     env_vars = {k: os.environ[k] for k in ("VLLM_ALLOW_INSECURE_SERIALIZATION", "VLLM_CPU_KVCACHE_SPACE",
-                                           "TORCH_EXTENSIONS_DIR", "CASCADE_RL_CACHE", "HF_HUB_OFFLINE")
+                                           "TORCH_EXTENSIONS_DIR", "CASCADE_RL_CACHE", "HF_HUB_OFFLINE",
+                                           "VLLM_LOGGING_LEVEL")
                 if k in os.environ}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -38,7 +40,7 @@ def is_vlm_model(model_path: str) -> bool:
 
 
 def build_groups(cfg: RecipeConfig, model_path: str):
-    from ..actors.group import LearnerGroup, RewardGroup, RolloutGroup
+    from ..actors.group import LearnerGroup, RewardGroup, RolloutGroup, make_placement
     from ..actors.learner import LearnerSpec
     from ..actors.rollout import RolloutSpec
 
@@ -48,15 +50,17 @@ def build_groups(cfg: RecipeConfig, model_path: str):
         model_path=model_path, backend=r.backend, dtype=m.dtype, max_response_tokens=m.max_response_tokens,
         max_prompt_tokens=m.max_prompt_tokens, temperature=r.temperature, top_p=r.top_p, seed=cfg.seed,
         gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
-        enforce_eager=r.enforce_eager, is_vlm=vlm)
+        enforce_eager=r.enforce_eager, is_vlm=vlm, enable_sleep=r.sleep_when_idle)
     learner_spec = LearnerSpec(
         model_path=model_path, dtype=m.dtype, zero_stage=lr.zero_stage, lr=lr.lr, weight_decay=lr.weight_decay,
         warmup_steps=lr.warmup_steps, lr_schedule=lr.lr_schedule, total_steps=1, grad_clip=lr.grad_clip,
         micro_batch_tokens=lr.micro_batch_tokens, gradient_checkpointing=lr.gradient_checkpointing,
         offload_optimizer=lr.offload_optimizer, seed=cfg.seed, is_vlm=vlm)
-    learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank)
-    rollout = RolloutGroup(rollout_spec, r.num_workers, r.num_gpus_per_worker)
+    placement = make_placement(r.placement, num_learner_ranks=lr.num_ranks, num_gpus_per_rank=lr.num_gpus_per_rank,
+                               num_rollout_workers=r.num_workers, num_gpus_per_worker=r.num_gpus_per_worker)
+    learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank, placement=placement.learner)
+    rollout = RolloutGroup(rollout_spec, r.num_workers, r.num_gpus_per_worker, placement=placement.rollout)
     terms = [(t.name, t.weight, dict(t.kwargs)) for t in cfg.reward.terms]
     rewards = RewardGroup(terms, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
                           correct_threshold=cfg.reward.correct_threshold)
-    return learners, rollout, rewards, vlm
+    return learners, rollout, rewards, vlm  # placement groups go with the job

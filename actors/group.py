@@ -50,6 +50,7 @@ from .faults import (
     gather_with_restarts,
     learner_failure_message,
 )
+from .learner import LearnerSpec  # noqa: F401  (re-exported: the driver builds specs through the group API)
 from .reward import RewardSpec, RewardTermSpec, RewardWorker
 from .rollout import GenerateResult, PromptInput, RolloutSpec, RolloutWorker, as_prompt_input
 from .weight_sync import DEFAULT_BUCKET_MB, WeightSender, find_free_port, node_ip
@@ -350,6 +351,7 @@ class RolloutGroup:
         self._weights_ref: ray.ObjectRef | None = None  # kept so a restarted worker can load the current version
         self._learners: LearnerGroup | None = None
         self._nccl_ready = False
+        self.last_nccl_sync: dict[str, float] = {}  # bytes and per-side seconds of the last NCCL sync
         self.max_restarts = max_restarts  # per worker and call
         self.num_restarts = 0
 
@@ -413,8 +415,11 @@ class RolloutGroup:
                     + [w.init_weight_sync.remote(addr, port, off, world) for w, off in zip(self.workers, offsets,
                                                                                             strict=True)])
             self._nccl_ready = True
-        ray.get([w.broadcast_weights.remote(bucket_mb) for w in learners.workers]
-                + [w.receive_weights.remote(version) for w in self.workers])
+        out = ray.get([w.broadcast_weights.remote(bucket_mb) for w in learners.workers]
+                      + [w.receive_weights.remote(version) for w in self.workers])
+        sent, received = out[0], out[len(learners.workers):]  # rank 0's {"sync_bytes", "sync_s"}; seconds each
+        self.last_nccl_sync = {"sync_bytes": sent["sync_bytes"], "broadcast_s": sent["sync_s"],
+                               "receive_s": max(received)}
 
     def restart_worker(self, i: int) -> None:
         """Replace worker ``i`` (dead or alive) and bring it to the current policy version."""

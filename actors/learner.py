@@ -544,6 +544,7 @@ class LearnerWorker:
             metrics["grad_norm"] = float(norm)
         metrics["lr"] = lr
         metrics["step_s"] = time.perf_counter() - t0
+        metrics["peak_mem_gib"] = _peak_memory_gib(self.device)
         return metrics
 
     def _apply_lr(self) -> None:
@@ -598,3 +599,12 @@ class LearnerWorker:
                 on_gpu=self.device.type != "cpu", micro_batch_tokens=s.micro_batch_tokens,
                 gradient_checkpointing=s.gradient_checkpointing, zero_stage=s.zero_stage,
                 offload_optimizer=s.offload_optimizer, detail=f"{type(e).__name__}: {e}")) from e
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory allocated by this rank (GiB); on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,20 +1,25 @@
 """Weight sync learner → vLLM: seconds and GB/s for a Qwen3-0.6B-shaped model's weights, NCCL vs object store.
 
-    pip install --no-deps --no-build-isolation -e .     # once on the GPU host: Ray workers and vLLM's spawned
-                                                        # processes must import cascade_rl.actors
     python bench/bench_weight_sync.py --device cuda     # 2 GPUs: learner rank 0 on one, the vLLM worker on the other
     python bench/bench_weight_sync.py --device cpu      # smoke: tiny LM, object-store path only (< 2 min)
 
+Run from the repo root with the root on ``PYTHONPATH`` (or after ``pip install --no-deps -e .``): Ray workers and
+vLLM's spawned processes import ``cascade_rl.actors`` (the vLLM worker extension lives there).
+
 Real actors in a local Ray: a ``LearnerGroup`` (DeepSpeed, ``--zero-stage``, bf16 on GPU) and a ``RolloutGroup``
-with one vLLM worker. Before measuring, one GSPO step with random advantages moves the learner's weights, so each
-sync visibly changes vLLM's log-probs. Measured in one run:
+with one vLLM worker (``enforce_eager``: the sync does not depend on CUDA graphs, and the engine starts faster).
+Before each timed sync one GSPO step with ±1 advantages moves the learner's weights, so every sync visibly changes
+vLLM's log-probs. Measured in one run:
 - ``nccl`` (GPU): ``RolloutGroup.sync_from`` over NCCL, per ``--bucket-mb``: the learner packs each bucket into
   one flat buffer and broadcasts it; vLLM reloads in place. The first call includes forming the NCCL group
-  (reported apart); the best of ``--repeats`` later calls counts.
+  (reported apart); the best of ``--repeats`` later calls counts. ``broadcast_s`` is the learner's side (pack,
+  broadcast, until the last byte is received), ``receive_s`` the vLLM worker's (receive + in-place reload).
 - ``object_store``: rank 0's weights → Ray object store → ``collective_rpc`` → in-place reload (the CPU path).
-Each: seconds, GB/s (weight bytes / seconds), seconds per billion parameters, and the max |Δ log-prob| between
-vLLM and the learner on fixed sequences after the sync (0 within bf16/fp32 noise = correct).
-Writes ``bench/results/weight_sync_<tag>.json`` (tag: ``cpu`` or the GPU's name) and prints it.
+Each: seconds, GB/s (weight bytes / seconds of one whole sync), seconds per billion parameters, and the max and
+mean |Δ log-prob| between vLLM and the learner on fixed sequences after the sync. For scale the report also holds
+the same difference at the start (both sides load the same checkpoint: kernel noise, bf16 on GPU) and just
+before a sync (stale weights: what a broken sync would leave). A path that fails records its error and the others
+still run. Writes ``bench/results/weight_sync_<device>.json`` and prints it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
-from bench_rollout import build_qwen3_shape, device_tag  # noqa: E402
+from bench_rollout import DEFAULT_MODEL_DIR, build_qwen3_shape, device_info  # noqa: E402
 
 
 def weight_bytes_and_params(model_dir: Path) -> tuple[int, int]:
@@ -55,26 +61,102 @@ def weight_bytes_and_params(model_dir: Path) -> tuple[int, int]:
     return total_bytes, total_params
 
 
-def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
-    return max(abs(x - y) for u, v in zip(a, b, strict=True) for x, y in zip(u, v, strict=True))
+def diffs(a: list[list[float]], b: list[list[float]]) -> dict[str, float]:
+    """Max and mean |a - b| over all tokens."""
+    d = [abs(x - y) for u, v in zip(a, b, strict=True) for x, y in zip(u, v, strict=True)]
+    return {"max": round(max(d), 6), "mean": round(sum(d) / len(d), 6)}
 
 
-def summarize(times: list[float], nbytes: int, nparams: int, diff: float) -> dict[str, Any]:
+def summarize(times: list[float], nbytes: int, nparams: int, after: dict[str, float],
+              stale: dict[str, float]) -> dict[str, Any]:
     best = min(times)
     return {"seconds": round(best, 4), "all_seconds": [round(t, 4) for t in times],
             "gb_per_s": round(nbytes / best / 1e9, 2), "s_per_billion_params": round(best / (nparams / 1e9), 4),
-            "max_abs_logprob_diff_after": diff}
+            "max_abs_logprob_diff_after": after["max"], "mean_abs_logprob_diff_after": after["mean"],
+            "max_abs_logprob_diff_stale": stale["max"]}
+
+
+class Bench:
+    """The actors, a fixed batch and the policy version; ``step`` trains once, ``check`` compares log-probs."""
+
+    def __init__(self, model: Path, gpu: bool, zero_stage: int) -> None:
+        from cascade_rl.actors.group import LearnerGroup, RolloutGroup
+        from cascade_rl.actors.learner import LearnerSpec
+        from cascade_rl.actors.rollout import RolloutSpec
+
+        from cascade_rl.types import SequenceBatch
+
+        self.dtype = "bfloat16" if gpu else "float32"
+        self.learners = LearnerGroup(LearnerSpec(model_path=str(model), dtype=self.dtype, zero_stage=zero_stage,
+                                                 lr=1e-3, micro_batch_tokens=4096),
+                                     num_ranks=1, num_gpus_per_rank=1 if gpu else 0)
+        self.rollout = RolloutGroup(RolloutSpec(
+            model_path=str(model), backend="vllm", dtype=self.dtype, max_response_tokens=32, max_prompt_tokens=96,
+            temperature=1.0, top_p=1.0, seed=0, gpu_memory_utilization=0.5, kv_cache_gib=1, enforce_eager=True),
+            num_workers=1, num_gpus_per_worker=1 if gpu else 0)
+        out = self.rollout.generate([([{"role": "user", "content": "What is 3 + 4?"}], [])] * 2, 4)
+        gens = out.generations
+        self.batch = SequenceBatch([g.prompt_token_ids for g in gens], [g.token_ids for g in gens],
+                                   advantages=[(-1.0) ** i for i in range(len(gens))],
+                                   old_logprobs=[g.logprobs for g in gens])
+        self.version = 0
+
+    def vllm_logprobs(self) -> list[list[float]]:
+        return self.rollout.compute_logprobs(self.batch.prompt_token_ids, self.batch.response_token_ids)
+
+    def step(self) -> tuple[list[list[float]], dict[str, float]]:
+        """One GSPO step; returns the learner's new log-probs and their difference to vLLM's (stale) ones."""
+        self.learners.train_policy(self.batch, loss="gspo", clip_low=0.2, clip_high=0.2)
+        ref = self.learners.compute_logprobs(self.batch)
+        self.version += 1
+        return ref, diffs(self.vllm_logprobs(), ref)
+
+
+def bench_nccl(b: Bench, buckets: list[int], repeats: int, nbytes: int, nparams: int) -> dict[str, Any]:
+    results: dict[str, Any] = {"uses_nccl": b.rollout._use_nccl(b.learners)}
+    if not results["uses_nccl"]:
+        raise RuntimeError("RolloutGroup would not use NCCL here (learner and vLLM must sit on different GPUs)")
+    ref, stale = b.step()
+    results["first_call_with_group_setup_s"] = round(b.rollout.sync_from(b.learners, b.version, buckets[0]), 3)
+    results["first_call_diff_after"] = diffs(b.vllm_logprobs(), ref)
+    for bucket_mb in buckets:
+        times, sides = [], []
+        for _ in range(repeats):
+            ref, stale = b.step()
+            times.append(b.rollout.sync_from(b.learners, b.version, bucket_mb=bucket_mb))
+            sides.append(dict(b.rollout.last_nccl_sync))
+        after = diffs(b.vllm_logprobs(), ref)
+        best = min(range(repeats), key=lambda i: times[i])
+        results[f"bucket_{bucket_mb}mb"] = {
+            **summarize(times, nbytes, nparams, after, stale),
+            "broadcast_s": round(sides[best]["broadcast_s"], 4), "receive_s": round(sides[best]["receive_s"], 4),
+            "sync_bytes": int(sides[best]["sync_bytes"])}
+    return results
+
+
+def bench_object_store(b: Bench, repeats: int, nbytes: int, nparams: int) -> dict[str, Any]:
+    import ray
+
+    times = []
+    for _ in range(repeats):
+        ref, stale = b.step()
+        t0 = time.perf_counter()
+        weights = b.learners.weights_ref()
+        ray.get([w.update_weights.remote(weights, b.version) for w in b.rollout.workers])
+        times.append(time.perf_counter() - t0)
+    return summarize(times, nbytes, nparams, diffs(b.vllm_logprobs(), ref), stale)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--shape", choices=["qwen3-0.6b", "tiny"], default=None, help="default: qwen3-0.6b on cuda")
-    ap.add_argument("--model-dir", default="/tmp/cascade_rl_bench/qwen3-0.6b")
-    ap.add_argument("--num-layers", type=int, default=None)
+    ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="where --shape qwen3-0.6b is built")
+    ap.add_argument("--num-layers", type=int, default=None, help="override the layer count (dry runs)")
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--bucket-mb", default="64,256,1024", help="comma-separated bucket sizes for the NCCL path")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--object-store-repeats", type=int, default=None, help="default: --repeats")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gpu = args.device == "cuda"
@@ -83,16 +165,11 @@ def main() -> None:
     import importlib.util
 
     if importlib.util.find_spec("cascade_rl.actors") is None:
-        raise SystemExit("cascade_rl.actors is not importable: run `pip install --no-deps --no-build-isolation -e .` "
-                         "in the repo root first (actors/ installs as cascade_rl.actors)")
+        raise SystemExit("cascade_rl.actors is not importable: run from the repo root with it on PYTHONPATH, or "
+                         "`pip install --no-deps -e .` first (actors/ installs as cascade_rl.actors)")
     import ray
     import torch
     import vllm
-    from cascade_rl.actors.group import LearnerGroup, RolloutGroup
-    from cascade_rl.actors.learner import LearnerSpec
-    from cascade_rl.actors.rollout import RolloutSpec
-
-    from cascade_rl.types import SequenceBatch
 
     if shape == "tiny":
         from cascade_rl.data.tiny_models import build_tiny_lm
@@ -106,60 +183,41 @@ def main() -> None:
         ray.init(include_dashboard=False, runtime_env={"env_vars": env})
     else:
         ray.init(num_cpus=2, object_store_memory=512 << 20, include_dashboard=False, runtime_env={"env_vars": env})
-    dtype = "bfloat16" if gpu else "float32"
-    learners = LearnerGroup(LearnerSpec(model_path=str(model), dtype=dtype, zero_stage=args.zero_stage, lr=1e-3,
-                                        micro_batch_tokens=4096), num_ranks=1, num_gpus_per_rank=1 if gpu else 0)
-    rollout = RolloutGroup(RolloutSpec(model_path=str(model), backend="vllm", dtype=dtype, max_response_tokens=32,
-                                       max_prompt_tokens=96, temperature=1.0, top_p=1.0, seed=0,
-                                       gpu_memory_utilization=0.5, kv_cache_gib=1, enforce_eager=True),
-                           num_workers=1, num_gpus_per_worker=1 if gpu else 0)
-    out = rollout.generate([([{"role": "user", "content": "What is 3 + 4?"}], [])] * 2, 4)
-    batch = SequenceBatch([g.prompt_token_ids for g in out.generations], [g.token_ids for g in out.generations],
-                          advantages=[(-1.0) ** i for i in range(len(out.generations))],
-                          old_logprobs=[g.logprobs for g in out.generations])
-    version = 0
-    results: dict[str, Any] = {}
-
-    def step_and_check_stale() -> list[list[float]]:
-        learners.train_policy(batch, loss="gspo", clip_low=0.2, clip_high=0.2)
-        return learners.compute_logprobs(batch)
-
-    if gpu:
-        buckets = [int(x) for x in args.bucket_mb.split(",")]
-        step_and_check_stale()
-        version += 1
-        results["nccl_first_call_with_group_setup_s"] = round(rollout.sync_from(learners, version, buckets[0]), 3)
-        for bucket_mb in buckets:
-            times = []
-            for _ in range(args.repeats):
-                ref_lp = step_and_check_stale()
-                version += 1
-                times.append(rollout.sync_from(learners, version, bucket_mb=bucket_mb))
-            diff = max_diff(rollout.compute_logprobs(batch.prompt_token_ids, batch.response_token_ids), ref_lp)
-            results[f"nccl_bucket_{bucket_mb}mb"] = summarize(times, nbytes, nparams, diff)
-    times = []
-    for _ in range(args.repeats):
-        ref_lp = step_and_check_stale()
-        version += 1
-        t0 = time.perf_counter()
-        ref = learners.weights_ref()
-        ray.get([w.update_weights.remote(ref, version) for w in rollout.workers])
-        times.append(time.perf_counter() - t0)
-    diff = max_diff(rollout.compute_logprobs(batch.prompt_token_ids, batch.response_token_ids), ref_lp)
-    results["object_store"] = summarize(times, nbytes, nparams, diff)
-
-    tag, device_name = device_tag(args.device)
-    report = {"bench": "weight_sync", "device": args.device, "device_name": device_name, "vllm": vllm.__version__,
-              "torch": torch.__version__, "shape": shape, "model": str(model), "dtype": dtype,
-              "zero_stage": args.zero_stage, "weight_bytes": nbytes, "params": nparams, "results": results,
-              "note": "GB/s = checkpoint weight bytes / seconds of one whole sync (learner gather/pack, transfer, "
-                      "vLLM in-place reload); NCCL needs learner and vLLM on different GPUs"}
-    dest = Path(args.out or ROOT / "bench" / "results" / f"weight_sync_{tag}.json")
+    report: dict[str, Any] = {
+        "bench": "weight_sync", **device_info(args.device), "vllm": vllm.__version__, "torch": torch.__version__,
+        "shape": shape, "model": Path(model).name, "num_layers": args.num_layers, "zero_stage": args.zero_stage,
+        "weight_bytes": nbytes, "params": nparams, "results": {},
+        "note": "GB/s = checkpoint weight bytes / seconds of one whole sync (learner gather/pack, transfer, vLLM "
+                "in-place reload), driver-side; NCCL needs learner and vLLM on different GPUs"}
+    dest = Path(args.out or ROOT / "bench" / "results" / f"weight_sync_{args.device}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(report, indent=2) + "\n")
+
+    def save() -> None:
+        dest.write_text(json.dumps(report, indent=2) + "\n")
+
+    t0 = time.perf_counter()
+    b = Bench(model, gpu, args.zero_stage)
+    report["actors_start_s"] = round(time.perf_counter() - t0, 1)
+    report["dtype"] = b.dtype
+    ref = b.learners.compute_logprobs(b.batch)
+    report["logprob_diff_at_start"] = diffs(b.vllm_logprobs(), ref)  # same checkpoint on both sides
+    save()
+    paths = {"object_store": lambda: bench_object_store(b, args.object_store_repeats or args.repeats, nbytes,
+                                                        nparams)}
+    if gpu:  # NCCL first: it is the GPU path; the object store is the fallback measured for comparison
+        buckets = [int(x) for x in args.bucket_mb.split(",")]
+        paths = {"nccl": lambda: bench_nccl(b, buckets, args.repeats, nbytes, nparams), **paths}
+    for name, run in paths.items():
+        try:
+            report["results"][name] = run()
+        except Exception as exc:  # keep what the other path measures; the error is part of the report
+            traceback.print_exc()
+            report["results"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+        save()
+        print(json.dumps({name: report["results"][name]}, indent=2), flush=True)
     print(json.dumps(report, indent=2))
-    rollout.shutdown()
-    learners.shutdown()
+    b.rollout.shutdown()
+    b.learners.shutdown()
     ray.shutdown()
 
 

@@ -16,6 +16,9 @@ RULES = {
     "rewards": ({"cascade_rl.rewards", "cascade_rl.types"}, None),
     "actors": ({"cascade_rl.actors", "cascade_rl.algos", "cascade_rl.rewards", "cascade_rl.types"}, None),
     "cascade_rl/data": ({"cascade_rl.data", "cascade_rl.types"}, None),
+    # the driver reaches workers only through the group API (actors.group), never a worker module
+    "cascade_rl/stages": ({"cascade_rl.stages", "cascade_rl.actors.group", "cascade_rl.config", "cascade_rl.tracking",
+                           "cascade_rl.data", "cascade_rl.types", "cascade_rl.algos", "cascade_rl.security"}, None),
 }
 
 

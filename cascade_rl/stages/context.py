@@ -1,11 +1,18 @@
 """What every stage shares: the recipe, the worker groups, the tracker, the driver state, checkpoints, eval.
 
 Specs for the workers are built here from the recipe's sub-configs (each actor gets its own, never the recipe).
+
+Testing hook: ``CASCADE_RL_FAULT_AT=<stage name>:<point>`` makes the driver SIGKILL itself at one named point (see
+``RunContext.fault_point``) so tests can crash a run at a known place and check that ``resume=auto`` recovers.
+It is read nowhere else and does nothing when unset; never set it in a real run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +22,9 @@ from ..config import RecipeConfig, StageConfig
 from ..data.prompts import PromptItem
 from ..tracking import Tracker
 from ..types import RewardResult, Sample
-from .state import DriverState, RunState, checkpoint_dir, finish_checkpoint
+from .state import COMPLETE, DriverState, RunState, checkpoint_dir, finish_checkpoint
+
+FAULT_ENV = "CASCADE_RL_FAULT_AT"
 
 
 @dataclass
@@ -32,11 +41,36 @@ class RunContext:
     state: DriverState = field(default_factory=DriverState)
     run_state: RunState = field(default_factory=RunState)
     is_vlm: bool = False
+    reward_restarts_logged: int = field(default=0, init=False, repr=False)
 
     # ------------------------------------------------------------------ logging
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.tracker.log_metrics(metrics, self.state.global_step if step is None else step)
+        self.fault_point(str(self.state.stage_step))
+
+    def fault_point(self, point: str) -> None:
+        """Testing hook: SIGKILL the driver when ``CASCADE_RL_FAULT_AT`` is ``<current stage name>:<point>``.
+
+        Points: ``<N>`` — the first metrics logged once the stage has done N steps (after step N's records are
+        logged, before its checkpoint); ``checkpoint-<N>`` — step N's checkpoint is half written (learner state
+        saved, no COMPLETE marker); ``done`` — the stage's final checkpoint is complete, its evaluation not yet run.
+        The whole process group dies when the driver leads one (Ray and vLLM children with it), as after a crash.
+        """
+        target = os.environ.get(FAULT_ENV)
+        if not target or self.state.stage_index >= len(self.cfg.stages):
+            return
+        if target == f"{self.cfg.stages[self.state.stage_index].name}:{point}":
+            print(f"{FAULT_ENV}={target}: killing the driver (testing hook)", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            if os.getpgid(0) == os.getpid():
+                os.killpg(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def start_schedule(self, lr: float, total_steps: int) -> None:
+        """A new LR schedule at a stage's start; a stage resumed mid-way keeps the one its checkpoint restored."""
+        if self.state.stage_step == 0:
+            self.learners.set_lr(lr, total_steps, self.cfg.learner.warmup_steps)
 
     # ------------------------------------------------------------------ scoring
 
@@ -50,7 +84,12 @@ class RunContext:
                    images=prompts[g.prompt_index].images)
             for g in generations
         ]
-        return self.rewards.score(samples)
+        results = self.rewards.score(samples)
+        restarts = getattr(self.rewards, "num_restarts", 0)
+        if restarts != self.reward_restarts_logged:  # reward workers died and were replaced during this call
+            self.reward_restarts_logged = restarts
+            self.tracker.log_metrics({"reward/worker_restarts": float(restarts)}, self.state.global_step)
+        return results
 
     def sync_weights(self) -> float:
         """Push the learner's weights to the rollout workers, tagged with the next policy version."""
@@ -69,7 +108,9 @@ class RunContext:
         self.state.num_log_shards = {d.name: len(list(d.glob("shard-*.parquet")))
                                      for d in (logs.iterdir() if logs.exists() else []) if d.is_dir()}
         ckpt = checkpoint_dir(self.run_dir, self.state.stage_index, stage.name, self.state.stage_step)
+        (ckpt / COMPLETE).unlink(missing_ok=True)  # rewriting a folder: it is incomplete until finished again
         self.learners.save_checkpoint(str(ckpt / "learner"), {"driver": self.state.__dict__})
+        self.fault_point(f"checkpoint-{self.state.stage_step}")
         finish_checkpoint(ckpt, self.state, self.cfg.checkpoint.keep_last)
         self.log({"perf/checkpoint_s": time.perf_counter() - t0})
         return ckpt

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..config import RecipeConfig, flatten
+from ..config import RecipeConfig, StageConfig, flatten
 from ..data.prompts import load_prompts, resolve_data_path
 from ..data.tiny_models import resolve_model_path
 from ..security import redact, redact_text
@@ -49,6 +49,7 @@ def run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None = None) -> dict
             ctx.run_state.save(run_dir)
         for i, stage in enumerate(cfg.stages):
             if i < ctx.state.stage_index:
+                _evaluate_if_missing(ctx, stage, i)
                 continue
             if i > ctx.state.stage_index:  # a fresh stage
                 ctx.state.stage_index, ctx.state.stage_step = i, 0
@@ -61,6 +62,7 @@ def run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None = None) -> dict
             if stage.kind != "rollout":
                 ctx.sync_weights()
             ctx.checkpoint(stage, stage_done=True)
+            ctx.fault_point("done")
             if stage.kind != "rollout":  # a rollout stage leaves the policy as it was
                 ctx.run_state.stage_results[stage.name] = ctx.evaluate(stage.name)
                 ctx.run_state.save(run_dir)
@@ -98,6 +100,7 @@ def _start(cfg: RecipeConfig, run_dir: Path) -> RunContext:
                      run_state=run_state, is_vlm=is_vlm)
     if ckpt is not None:
         ctx.state = read_driver_state(ckpt)
+        ctx.state.restore_rng()
         learners.load_checkpoint(str(ckpt / "learner"))
         if ctx.state.stage_done:
             ctx.state.stage_index, ctx.state.stage_step = ctx.state.stage_index + 1, 0
@@ -107,6 +110,14 @@ def _start(cfg: RecipeConfig, run_dir: Path) -> RunContext:
     else:
         ctx.state = DriverState()
     return ctx
+
+
+def _evaluate_if_missing(ctx: RunContext, stage: StageConfig, index: int) -> None:
+    """A run stopped after a stage's final checkpoint but before its evaluation resumes from that checkpoint: the
+    learners hold exactly that stage's policy, so evaluate it now instead of leaving a hole in the results."""
+    if index == ctx.state.stage_index - 1 and stage.kind != "rollout" and stage.name not in ctx.run_state.stage_results:
+        ctx.run_state.stage_results[stage.name] = ctx.evaluate(stage.name)
+        ctx.run_state.save(ctx.run_dir)
 
 
 def print_results(results: dict[str, dict[str, float]], run_id: str | None, uri: str) -> None:

@@ -28,7 +28,7 @@ def run_gspo(ctx: RunContext, stage: StageConfig, index: int) -> None:
     g, G = stage.gspo, ctx.cfg.rollout.group_size
     prompts = _select_prompts(ctx, stage, index)
     writer = _open_log(ctx, stage)
-    ctx.learners.set_lr(stage.lr or ctx.cfg.learner.lr, g.num_steps * g.num_minibatches, ctx.cfg.learner.warmup_steps)
+    ctx.start_schedule(stage.lr or ctx.cfg.learner.lr, g.num_steps * g.num_minibatches)
     bar = tqdm(total=g.num_steps, initial=ctx.state.stage_step, desc=f"[{stage.name}] {g.loss}", unit="step")
     pending = None  # with gspo.overlap: the next batch, generating while this one trains
     for step in range(ctx.state.stage_step, g.num_steps):
@@ -84,7 +84,8 @@ def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[fl
                                       num_global_seqs=len(mb), num_global_tokens=sum(map(len, mb.response_token_ids)))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v) / len(parts)
-    return {f"train/{k}": v for k, v in sums.items()}
+    perf = {"step_s": "perf/learner_step_s", "peak_mem_gib": "perf/learner_peak_mem_gib"}
+    return {perf.get(k, f"train/{k}"): v for k, v in sums.items()}
 
 
 def _select_prompts(ctx: RunContext, stage: StageConfig, index: int) -> list:

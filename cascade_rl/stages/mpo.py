@@ -59,7 +59,7 @@ def run_mpo(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder) -> No
     pairs = prepare_pairs(ctx, stage, index, enc)
     terms = [(t["loss"], float(t["weight"])) for t in mpo.terms]
     total = num_batches(len(pairs), mpo.batch_size, mpo.epochs)
-    ctx.learners.set_lr(stage.lr or ctx.cfg.learner.lr, total, ctx.cfg.learner.warmup_steps)
+    ctx.start_schedule(stage.lr or ctx.cfg.learner.lr, total)
     bar = tqdm(total=total, initial=ctx.state.stage_step, desc=f"[{stage.name}] mpo", unit="step")
     for step, idx in take_batches(len(pairs), mpo.batch_size, ctx.cfg.seed, mpo.epochs, ctx.state.stage_step):
         t0 = time.perf_counter()

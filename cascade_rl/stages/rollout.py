@@ -51,6 +51,8 @@ def run_rollout(ctx: RunContext, stage: StageConfig) -> None:
     for step in range(ctx.state.stage_step, len(chunks)):
         chunk = chunks[step]
         if f"{run_id}/{stage.name}/{step}/{chunk[0].id}/0" in writer.record_ids:  # logged before a restart
+            ctx.state.stage_step = step + 1  # a chunk's shard is written whole, so the chunk is done
+            ctx.state.global_step += 1
             bar.update(1)
             continue
         out = ctx.rollout.generate(chunk, ctx.cfg.rollout.group_size)

@@ -15,7 +15,7 @@ def run_sft(ctx: RunContext, stage: StageConfig, enc: Encoder) -> None:
     sft = stage.sft
     items = ctx.train_prompts
     total = num_batches(len(items), sft.batch_size, sft.epochs)
-    ctx.learners.set_lr(stage.lr or ctx.cfg.learner.lr, total, ctx.cfg.learner.warmup_steps)
+    ctx.start_schedule(stage.lr or ctx.cfg.learner.lr, total)
     bar = tqdm(total=total, initial=ctx.state.stage_step, desc=f"[{stage.name}] sft", unit="step")
     for step, idx in take_batches(len(items), sft.batch_size, ctx.cfg.seed, sft.epochs, ctx.state.stage_step):
         batch = sft_batch([items[i] for i in idx], enc)

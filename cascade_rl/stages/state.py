@@ -12,6 +12,7 @@ Layout under ``run_dir``::
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -46,11 +47,30 @@ class DriverState:
     stage_done: bool = False
 
     def capture_rng(self) -> None:
+        """The driver's global RNG states (Python, NumPy, torch CPU), JSON-ready."""
         import numpy as np
         import torch
 
-        self.rng = {"python": repr(random.getstate()), "numpy": repr(np.random.get_state()[1][:4].tolist()),
-                    "torch_seed": int(torch.initial_seed())}
+        version, internal, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        self.rng = {"python": [version, list(internal), gauss],
+                    "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                    "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+    def restore_rng(self) -> None:
+        """Put back what ``capture_rng`` saved (states of an older format are left alone)."""
+        import numpy as np
+        import torch
+
+        if isinstance(self.rng.get("python"), list):
+            version, internal, gauss = self.rng["python"]
+            random.setstate((version, tuple(internal), gauss))
+        if isinstance(self.rng.get("numpy"), list):
+            kind, keys, pos, has_gauss, cached = self.rng["numpy"]
+            np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        if isinstance(self.rng.get("torch"), str):
+            raw = np.frombuffer(base64.b64decode(self.rng["torch"]), dtype=np.uint8).copy()
+            torch.set_rng_state(torch.from_numpy(raw))
 
 
 @dataclass

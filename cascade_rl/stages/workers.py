@@ -40,9 +40,14 @@ def is_vlm_model(model_path: str) -> bool:
 
 
 def build_groups(cfg: RecipeConfig, model_path: str):
-    from ..actors.group import LearnerGroup, RewardGroup, RolloutGroup, make_placement
-    from ..actors.learner import LearnerSpec
-    from ..actors.rollout import RolloutSpec
+    from ..actors.group import (
+        LearnerGroup,
+        LearnerSpec,
+        RewardGroup,
+        RolloutGroup,
+        RolloutSpec,
+        make_placement,
+    )
 
     vlm = is_vlm_model(model_path)
     m, r, lr = cfg.model, cfg.rollout, cfg.learner

@@ -1,0 +1,93 @@
+"""GPU only: NCCL weight sync, learner rank 0 (one GPU) → vLLM worker (another GPU), end to end.
+
+After ``RolloutGroup.sync_from`` over NCCL, vLLM's log-probs of fixed sequences must equal the learner's within
+``TOL_MAX`` per token (and ``TOL_MEAN`` on average). Both sides run bfloat16 with different kernels (vLLM's
+FlashAttention and sampler vs transformers' sdpa and the learner's chunked log-softmax), so equality is up to bf16
+rounding, not bitwise. The check can fail: a training step first moves the learner's log-probs by more than
+``STALE_MIN`` (5 x ``TOL_MAX``), which a stale engine would keep. A second sync reuses the NCCL group formed by
+the first, and sampling after a sync uses the new weights (behaviour log-probs == learner log-probs).
+
+Needs 2 CUDA GPUs and CUDA vLLM; run with ``pytest -m gpu tests/actors/test_gpu_weight_sync.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+TOL_MAX = 0.05  # max |Δ log-prob| per token after a sync (bf16 on both sides)
+TOL_MEAN = 0.01  # mean |Δ log-prob| over all tokens after a sync
+STALE_MIN = 5 * TOL_MAX  # one step at lr 1e-2 must move the learner by more than this (else the test can't fail)
+
+
+def _diff(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
+    """(max, mean) |a - b| over all tokens."""
+    d = [abs(x - y) for u, v in zip(a, b, strict=True) for x, y in zip(u, v, strict=True)]
+    return max(d), sum(d) / len(d)
+
+
+@pytest.fixture(scope="module")
+def gpu_groups(tiny_lm: Path, make_rollout_spec: Any, make_learner_spec: Any) -> Iterator[tuple[Any, Any]]:
+    """A 1-rank bf16 learner on one GPU and a 1-worker vLLM rollout group on another (split placement)."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs: NCCL refuses two ranks on one device")
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("needs vLLM")
+    import ray
+    from cascade_rl.actors.group import LearnerGroup, RolloutGroup
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False)
+    learners = LearnerGroup(make_learner_spec(tiny_lm, dtype="bfloat16"), num_ranks=1, num_gpus_per_rank=1)
+    rollout = RolloutGroup(make_rollout_spec(tiny_lm, dtype="bfloat16", gpu_memory_utilization=0.3), num_workers=1,
+                           num_gpus_per_worker=1)
+    yield learners, rollout
+    rollout.shutdown()
+    learners.shutdown()
+    if started:
+        ray.shutdown()
+
+
+def test_nccl_sync_makes_vllm_logprobs_equal_the_learners(gpu_groups: tuple[Any, Any], prompts: Any,
+                                                          make_policy_batch: Any) -> None:
+    from cascade_rl.types import SequenceBatch
+
+    learners, rollout = gpu_groups
+    assert rollout._use_nccl(learners), "learner and vLLM on different GPUs must sync over NCCL"
+    batch = make_policy_batch(rollout.generate(prompts[:4], 4))  # 16 sequences, ±1 advantages
+    fixed = SequenceBatch(batch.prompt_token_ids, batch.response_token_ids)
+
+    def vllm_logprobs() -> list[list[float]]:
+        return rollout.compute_logprobs(fixed.prompt_token_ids, fixed.response_token_ids)
+
+    start = _diff(vllm_logprobs(), learners.compute_logprobs(fixed))
+    print(f"same checkpoint on both sides: (max, mean) |Δ log-prob| = {start}")
+    assert start[0] < TOL_MAX, f"same checkpoint, yet max |Δ| = {start[0]:.4f} before any training"
+
+    for version, bucket_mb in ((1, 1), (2, 512)):  # tiny buckets (several per model), then one bucket
+        learners.train_policy(batch, loss="gspo", clip_low=0.2, clip_high=0.2)
+        learner = learners.compute_logprobs(fixed)
+        stale = _diff(vllm_logprobs(), learner)
+        assert stale[0] > STALE_MIN, f"a step moved log-probs by only {stale[0]:.4f}: the check could not fail"
+
+        seconds = rollout.sync_from(learners, version=version, bucket_mb=bucket_mb)
+        after = _diff(vllm_logprobs(), learner)
+        print(f"sync v{version} ({bucket_mb} MiB buckets): {seconds:.3f} s, |Δ| start {start}, "
+              f"stale {stale}, after {after}, sides {rollout.last_nccl_sync}")
+        assert after[0] < TOL_MAX and after[1] < TOL_MEAN, after
+        assert rollout.policy_versions() == [version]
+        assert rollout.last_nccl_sync["sync_bytes"] > 0
+
+    out = rollout.generate(prompts[4:6], 2)
+    assert {g.policy_version for g in out.generations} == {2}
+    sampled = SequenceBatch([g.prompt_token_ids for g in out.generations], [g.token_ids for g in out.generations])
+    behaviour = _diff([g.logprobs for g in out.generations], learners.compute_logprobs(sampled))
+    assert behaviour[0] < TOL_MAX, f"sampling after the sync used other weights: |Δ| = {behaviour}"

@@ -1,0 +1,176 @@
+"""End-to-end helpers: run the real ``cascade-rl run`` CLI as a subprocess, SIGKILL it, read what a run left behind.
+
+A run is started in its own session (``start_new_session=True``) so that killing its process group also kills the
+Ray head, the actors and vLLM's engine processes it started, as a crashed node would. Its stdout and stderr go to a
+log file next to the run folder. ``read_run`` gathers the facts the resume tests compare: rollout-log record ids per
+stage, checkpoints, preference pairs, the MLflow run and its status.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "tiny_cascade.yaml"
+RUN_TIMEOUT_S = 900.0
+
+# The tiny cascade cut down for tests: sft 63 steps, rollout 2 chunks of 32 prompts x G=8, mpo ~10 steps,
+# gspo 4 steps of 16 prompts x G=8; a checkpoint every 2 steps (keep 2 per stage).
+NUM_ROLLOUT_PROMPTS, GROUP_SIZE, GSPO_STEPS, GSPO_PROMPTS = 64, 8, 4, 16
+SMALL = [f"stages.1.num_prompts={NUM_ROLLOUT_PROMPTS}", f"stages.3.gspo.num_steps={GSPO_STEPS}",
+         f"stages.3.gspo.prompts_per_step={GSPO_PROMPTS}", f"rollout.group_size={GROUP_SIZE}",
+         "eval.num_prompts=16", "eval.every_steps=0", "checkpoint.every_steps=2", "checkpoint.keep_last=2"]
+EXPECTED_RECORDS = {"rollout": NUM_ROLLOUT_PROMPTS * GROUP_SIZE, "gspo": GSPO_STEPS * GSPO_PROMPTS * GROUP_SIZE}
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The test session's environment (tests/conftest.py) without any fault hook, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "CASCADE_RL_FAULT_AT"}
+    env.update({"PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+def start_run(run_dir: Path, overrides: list[str], *, log: Path, **env: str) -> subprocess.Popen:
+    """``cascade-rl run`` on the tiny recipe in a new session, output appended to ``log``."""
+    cmd = [sys.executable, "-m", "cascade_rl", "run", str(RECIPE), f"run_dir={run_dir}", *overrides]
+    with open(log, "a") as out:
+        out.write(f"\n===== {' '.join(cmd[3:])} {env or ''}\n")
+        out.flush()
+        return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(**env), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the run's whole process group (driver, Ray, actors, vLLM) and reap the driver."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def wait_run(proc: subprocess.Popen, timeout_s: float = RUN_TIMEOUT_S) -> int:
+    """The driver's exit code; leftover children of its group are killed either way (a crash leaves none)."""
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return rc
+
+
+def run_cli(run_dir: Path, overrides: list[str], *, log: Path, **env: str) -> int:
+    return wait_run(start_run(run_dir, overrides, log=log, **env))
+
+
+def wait_for(predicate: Any, proc: subprocess.Popen, timeout_s: float = RUN_TIMEOUT_S, poll_s: float = 0.05) -> bool:
+    """Poll ``predicate()`` until true (True) or the process exits first (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return bool(predicate())
+        time.sleep(poll_s)
+    kill_group(proc)
+    raise TimeoutError(f"condition not met within {timeout_s:.0f} s")
+
+
+def complete_steps(run_dir: Path, stage_folder: str) -> list[int]:
+    """Steps of the complete checkpoints of one stage folder (e.g. ``s03-gspo``)."""
+    folder = run_dir / "checkpoints" / stage_folder
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if (p / "COMPLETE").exists())
+
+
+@dataclass
+class RunFacts:
+    run_id: str
+    stage_results: dict[str, Any]
+    records: dict[str, list[str]]  # stage -> record ids without the run-id prefix, in log order
+    record_run_ids: set[str]
+    checkpoints: dict[str, list[int]]  # stage folder -> complete steps
+    partial_checkpoints: list[str]
+    final_driver_state: dict[str, dict[str, Any]]  # stage folder -> driver.json of its newest checkpoint
+    pairs: list[Any] = field(default_factory=list)
+    mlflow_runs: list[tuple[str, str]] = field(default_factory=list)  # (run id, status) in the experiment
+
+    def counts(self) -> dict[str, int]:
+        return {stage: len(ids) for stage, ids in self.records.items()}
+
+    def duplicates(self) -> dict[str, list[str]]:
+        return {stage: [i for i, n in Counter(ids).items() if n > 1] for stage, ids in self.records.items()}
+
+
+def read_run(run_dir: Path) -> RunFacts:
+    import json
+
+    from cascade_rl.data.pairs import read_pairs
+    from cascade_rl.data.rollout_log import read_rollout_table
+
+    run_state = json.loads((run_dir / "run_state.json").read_text())
+    run_id = run_state["mlflow_run_id"]
+    records, run_ids = {}, set()
+    for folder in sorted(p for p in (run_dir / "rollouts").iterdir() if p.is_dir() and "." not in p.name):
+        table = read_rollout_table(folder, columns=["record_id", "run_id"]).to_pydict()
+        run_ids.update(table["run_id"])
+        records[folder.name] = [r.removeprefix(f"{run_id}/") for r in table["record_id"]]
+    checkpoints, partial, final = {}, [], {}
+    for stage_dir in sorted((run_dir / "checkpoints").iterdir()):
+        checkpoints[stage_dir.name] = complete_steps(run_dir, stage_dir.name)
+        partial += [str(p.relative_to(run_dir)) for p in stage_dir.glob("step-*") if not (p / "COMPLETE").exists()]
+        if checkpoints[stage_dir.name]:
+            newest = stage_dir / f"step-{checkpoints[stage_dir.name][-1]:06d}"
+            final[stage_dir.name] = json.loads((newest / "driver.json").read_text())
+    pairs_files = sorted((run_dir / "pairs").glob("*.parquet"))
+    return RunFacts(run_id=run_id, stage_results=run_state["stage_results"], records=records,
+                    record_run_ids=run_ids, checkpoints=checkpoints, partial_checkpoints=partial,
+                    final_driver_state=final, pairs=[p for f in pairs_files for p in read_pairs(f)],
+                    mlflow_runs=_mlflow_runs(run_dir))
+
+
+def _mlflow_runs(run_dir: Path) -> list[tuple[str, str]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [(r.info.run_id, r.info.status) for r in client.search_runs(experiments)]
+
+
+def check_consistent(facts: RunFacts, reference: RunFacts | None = None) -> None:
+    """What every finished run must satisfy, alone and against an uninterrupted reference run."""
+    assert facts.mlflow_runs == [(facts.run_id, "FINISHED")], facts.mlflow_runs
+    assert facts.record_run_ids == {facts.run_id}
+    assert {"start", "sft", "mpo", "gspo"} <= set(facts.stage_results), facts.stage_results.keys()
+    assert facts.counts() == EXPECTED_RECORDS, facts.counts()
+    assert facts.duplicates() == {stage: [] for stage in EXPECTED_RECORDS}
+    assert facts.partial_checkpoints == []
+    done = {name: state for name, state in facts.final_driver_state.items()}
+    assert sorted(done) == ["s00-sft", "s01-rollout", "s02-mpo", "s03-gspo"], sorted(done)
+    assert all(state["stage_done"] for state in done.values()), done
+    assert all(1 <= len(steps) <= 2 for steps in facts.checkpoints.values()), facts.checkpoints  # keep_last=2
+    assert done["s01-rollout"]["stage_step"] == NUM_ROLLOUT_PROMPTS // 32  # chunks of 32 prompts
+    assert done["s03-gspo"]["stage_step"] == GSPO_STEPS
+    mpo_steps = -(-len(facts.pairs) // 16)  # batch_size 16, one epoch
+    assert done["s02-mpo"]["stage_step"] == mpo_steps
+    # the MLflow step counter counts every stage step exactly once, however often the run was restarted
+    assert done["s03-gspo"]["global_step"] == sum(d["stage_step"] for d in done.values())
+    logged = {i for ids in facts.records.values() for i in ids}
+    sources = {s.removeprefix(f"{facts.run_id}/") for p in facts.pairs for s in p.source_ids}
+    assert sources and sources <= logged, sorted(sources - logged)[:5]
+    assert len({p.pair_id for p in facts.pairs}) == len(facts.pairs)
+    if reference is not None:
+        for stage in EXPECTED_RECORDS:
+            assert sorted(facts.records[stage]) == sorted(reference.records[stage]), stage
+        assert done["s00-sft"]["stage_step"] == reference.final_driver_state["s00-sft"]["stage_step"]

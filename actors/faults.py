@@ -22,7 +22,7 @@ from ray.exceptions import RayActorError
 
 # Phrases of real out-of-memory errors: torch (CUDA and CPU allocators), Ray's memory monitor, the C library.
 MEMORY_PHRASES = ("out of memory", "can't allocate memory", "cannot allocate memory", "low on memory",
-                  "outofmemoryerror", "memoryerror")
+                  "memoryerror")
 
 
 class LearnerFailedError(RuntimeError):
@@ -156,7 +156,6 @@ def collect_ranks(refs: list[ray.ObjectRef], workers: list[Any], *, skip_fetch: 
     return values
 
 
-
 def learner_failure_message(*, dead_ranks: list[int], num_ranks: int, call: str, cause: BaseException,
                             last_checkpoint: str | None, writing: str | None) -> str:
     """Why the stage stopped, which checkpoint is intact and how to continue."""
@@ -196,4 +195,5 @@ def learner_oom_message(*, rank: int, where: str, num_tokens: int, num_seqs: int
         fixes.append("use model.dtype=bfloat16, or add learner ranks")
     else:
         fixes.append("run fewer actors on this machine (rollout.num_workers, reward.num_workers)")
-    return head + "In order of cost: " + "; ".join(fixes) + f". ({detail.strip().splitlines()[0][:300]})"
+    said = (detail.strip().splitlines() or [""])[0][:300]
+    return head + "In order of cost: " + "; ".join(fixes) + f". ({said})"

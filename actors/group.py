@@ -303,9 +303,12 @@ class LearnerGroup:
         self._run("set_lr", [w.set_lr.remote(lr, total_steps, warmup_steps) for w in self.workers])
 
     def save_checkpoint(self, folder: str, client_state: dict) -> None:
-        self._writing = folder
-        self._run("save_checkpoint", [w.save_checkpoint.remote(folder, client_state) for w in self.workers])
-        self.last_checkpoint, self._writing = folder, None
+        self._writing = folder  # named by the failure message if a rank dies while saving
+        try:
+            self._run("save_checkpoint", [w.save_checkpoint.remote(folder, client_state) for w in self.workers])
+        finally:
+            self._writing = None
+        self.last_checkpoint = folder
 
     def load_checkpoint(self, folder: str) -> dict:
         state = self._run("load_checkpoint", [w.load_checkpoint.remote(folder) for w in self.workers])[0]

@@ -221,32 +221,31 @@ def explain_engine_error(exc: BaseException, spec: RolloutSpec, on_gpu: bool) ->
     """An actionable error for vLLM's memory and length failures (KV cache too small or too large for the host,
     OOM, sequences longer than the model or than max_model_len), or None for anything else."""
     text = f"{type(exc).__name__}: {exc}"
-    low, max_len = text.lower(), spec.max_prompt_tokens + spec.max_response_tokens
-    lengths = f"model.max_response_tokens / model.max_prompt_tokens (max_model_len = {max_len})"
-    if "less than requested memory for kv" in low:  # CPU: VLLM_CPU_KVCACHE_SPACE above the free host memory
-        what = "the KV cache asked for does not fit in free host memory"
-        fix = (f"lower rollout.kv_cache_gib (now {spec.kv_cache_gib} GiB, sets VLLM_CPU_KVCACHE_SPACE), or free host "
-               "memory (fewer rollout.num_workers / reward.num_workers on this machine)")
-    elif "derived max_model_len" in low:
-        what = "max_model_len is longer than the model's context"
-        fix = f"lower {lengths} to at most the model's max_position_embeddings"
-    elif "longer than the maximum model length" in low:
-        what = "a prompt is longer than max_model_len"
-        fix = ("raise model.max_prompt_tokens, or shorten that prompt (a VLM prompt also counts its image tokens: "
-               "fewer or smaller images)")
-    elif any(w in low for w in MEMORY_WORDS):
-        what = "ran out of memory"
-        if on_gpu:
-            fix = (f"raise rollout.gpu_memory_utilization (now {spec.gpu_memory_utilization}), or lower {lengths}; "
+    lengths = (f"model.max_response_tokens / model.max_prompt_tokens (max_model_len = "
+               f"{spec.max_prompt_tokens + spec.max_response_tokens})")
+    kv = f"rollout.kv_cache_gib (now {spec.kv_cache_gib} GiB, sets VLLM_CPU_KVCACHE_SPACE)"
+    if on_gpu:
+        oom_fix = (f"raise rollout.gpu_memory_utilization (now {spec.gpu_memory_utilization}), or lower {lengths}; "
                    "if the learner shares the GPU (colocated placement), lower rollout.gpu_memory_utilization or "
                    "enable rollout.sleep_when_idle instead")
-        else:
-            fix = (f"raise rollout.kv_cache_gib (now {spec.kv_cache_gib} GiB, sets VLLM_CPU_KVCACHE_SPACE), or lower "
-                   f"{lengths}")
     else:
-        return None
-    first = text.strip().splitlines()[0][:400]
-    return RolloutEngineError(f"vLLM {what} for {spec.model_path}: {fix}. Engine said: {first}")
+        oom_fix = f"raise {kv}, or lower {lengths}"
+    cases = [  # (phrases, what happened, fix): the first case with a phrase in the text wins
+        (("less than requested memory for kv",), "the KV cache asked for does not fit in free host memory",
+         f"lower {kv}, or free host memory (fewer rollout.num_workers / reward.num_workers on this machine)"),
+        (("derived max_model_len",), "max_model_len is longer than the model's context",
+         f"lower {lengths} to at most the model's max_position_embeddings"),
+        (("longer than the maximum model length",), "a prompt is longer than max_model_len",
+         "raise model.max_prompt_tokens, or shorten that prompt (a VLM prompt also counts its image tokens: "
+         "fewer or smaller images)"),
+        (MEMORY_WORDS, "ran out of memory", oom_fix),
+    ]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()] or [text]
+    for phrases, what, fix in cases:
+        said = [ln for ln in lines if any(w in ln.lower() for w in phrases)]
+        if said:  # quote the engine's own line that matched (a pydantic error puts it on line 2)
+            return RolloutEngineError(f"vLLM {what} for {spec.model_path}: {fix}. Engine said: {said[0][:400]}")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ vLLM

@@ -19,7 +19,7 @@ Two paths, chosen by ``RolloutGroup.sync_from``:
 
 ``WeightSyncExtension`` is mixed into vLLM's worker class (``LLM(worker_extension_cls=EXTENSION_QUALNAME)``);
 ``WeightSender`` is mixed into the learner actor by ``group.py``. GPU code here is exercised only by the
-``gpu``-marked test and ``bench/bench_weight_sync.py``.
+``gpu``-marked ``tests/actors/test_gpu_weight_sync.py`` and ``bench/bench_weight_sync.py``.
 """
 
 from __future__ import annotations
@@ -75,6 +75,13 @@ def unpack_named_tensors(payload: bytes) -> list[tuple[str, Any]]:
     return list(load(payload).items())
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def iter_buckets(named: Iterable[tuple[str, Any]], bucket_bytes: int) -> Iterator[list[tuple[str, Any]]]:
     """Group ``(name, tensor)`` pairs into lists of at most ``bucket_bytes`` (a larger tensor is its own bucket)."""
     bucket: list[tuple[str, Any]] = []
@@ -90,12 +97,34 @@ def iter_buckets(named: Iterable[tuple[str, Any]], bucket_bytes: int) -> Iterato
         yield bucket
 
 
+def bucket_layout(meta: BucketMeta) -> tuple[list[int], int]:
+    """Byte offset of each tensor of a bucket and the bucket's total bytes. Each tensor starts at a multiple of its
+    element size (a bf16 tensor of odd length before a float32 one gets one pad element), so every view is
+    aligned; a single-dtype bucket has no padding."""
+    import torch
+
+    offsets, end = [], 0
+    for _, dtype_name, shape in meta:
+        size = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+        end = -(-end // size) * size
+        offsets.append(end)
+        end += _numel(shape) * size
+    return offsets, end
+
+
 def flatten_bucket(bucket: list[tuple[str, Any]]) -> tuple[BucketMeta, Any]:
-    """One contiguous uint8 buffer (N,) holding every tensor of the bucket, and its metadata."""
+    """One contiguous uint8 buffer (N,) holding every tensor of the bucket (layout: ``bucket_layout``), and its
+    metadata."""
     import torch
 
     meta = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in bucket]
-    flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
+    offsets, total = bucket_layout(meta)
+    if total == sum(t.numel() * t.element_size() for _, t in bucket):  # no padding: one cat
+        return meta, torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
+    flat = torch.zeros(total, dtype=torch.uint8, device=bucket[0][1].device)
+    for (_, t), offset in zip(bucket, offsets, strict=True):
+        nbytes = t.numel() * t.element_size()
+        flat[offset:offset + nbytes].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
     return meta, flat
 
 
@@ -103,15 +132,12 @@ def unflatten_bucket(meta: BucketMeta, flat: Any) -> list[tuple[str, Any]]:
     """Views into ``flat`` for each ``(name, dtype, shape)`` of ``meta`` (inverse of ``flatten_bucket``)."""
     import torch
 
-    out, offset = [], 0
-    for name, dtype_name, shape in meta:
+    offsets, _ = bucket_layout(meta)
+    out = []
+    for (name, dtype_name, shape), offset in zip(meta, offsets, strict=True):
         dtype = getattr(torch, dtype_name)
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
         out.append((name, flat[offset:offset + nbytes].view(dtype).view(shape)))
-        offset += nbytes
     return out
 
 
@@ -185,9 +211,7 @@ class WeightSyncExtension:
         def stream() -> Iterator[tuple[str, Any]]:
             nonlocal count
             while (meta := pg.broadcast_obj(None, src=0)) is not None:
-                nbytes = sum(torch.empty((), dtype=getattr(torch, d)).element_size() * _numel(s)
-                             for _, d, s in meta)
-                flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                flat = torch.empty(bucket_layout(meta)[1], dtype=torch.uint8, device=self.device)
                 comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
                 count += len(meta)
                 yield from unflatten_bucket(meta, flat)
@@ -195,13 +219,6 @@ class WeightSyncExtension:
         load_into_vllm_worker(self, with_tied_head(stream(), _tied(self)))
         torch.cuda.synchronize()
         return count
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # ------------------------------------------------------------------------------------------------ learner side

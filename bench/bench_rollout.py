@@ -155,35 +155,46 @@ def run_worker(worker: Any, prompts: list, n: int) -> tuple[int, float]:
     return out.num_output_tokens, dt
 
 
-def bench_layout(worker: Any, prompts: list, n: int, tokens: int, rounds: int) -> dict[str, Any]:
+PATHS = ("plain", "plain_seeded", "plain_logprobs", "plain_worker_params", "plain_worker_params_no_detok", "worker")
+DEFAULT_PATHS = "plain,plain_seeded,plain_logprobs,plain_worker_params,plain_worker_params_no_detok,worker"
+
+
+def bench_layout(worker: Any, prompts: list, n: int, tokens: int, rounds: int,
+                 paths: list[str]) -> dict[str, Any]:
     """Every path ``rounds`` times, interleaved; the best round of each path counts."""
     from cascade_rl.actors.rollout import render_prompts
+    from vllm import SamplingParams
 
     llm, tok = worker.engine.llm, worker.engine.tokenizer
     token_prompts = [r.token_ids for r in render_prompts(prompts, tok, tok, 10**6, False)]
-    paths: dict[str, Any] = {
+    seeds = [lambda r, i=i: 1000 * r + i for i in range(len(prompts))]
+    fns: dict[str, Any] = {
         "plain": lambda r: run_plain(llm, token_prompts, plain_params(n, tokens, None)),
-        "plain_seeded": lambda r: run_plain(llm, token_prompts, plain_params(
-            n, tokens, [1000 * r + i for i in range(len(prompts))])),
+        "plain_seeded": lambda r: run_plain(llm, token_prompts, plain_params(n, tokens, [s(r) for s in seeds])),
+        "plain_logprobs": lambda r: run_plain(llm, token_prompts, SamplingParams(
+            n=n, temperature=1.0, max_tokens=tokens, ignore_eos=True, logprobs=0)),
+        # the worker's own SamplingParams (private helper, so the comparison can't drift from the worker)
         "plain_worker_params": lambda r: run_plain(llm, token_prompts, [
-            worker.engine._params(n, False, 1000 * r + i) for i in range(len(prompts))]),
+            worker.engine._params(n, False, s(r)) for s in seeds]),
+        "plain_worker_params_no_detok": lambda r: run_plain(llm, token_prompts, [
+            worker.engine._params(n, False, s(r), detokenize=False) for s in seeds]),
         "worker": lambda r: run_worker(worker, prompts, n),
     }
     rounds_out: dict[str, list[tuple[int, float]]] = {k: [] for k in paths}
     for r in range(rounds):
-        for name, fn in paths.items():
-            rounds_out[name].append(fn(r))
+        for name in paths:
+            rounds_out[name].append(fns[name](r))
     best = {k: max(v, key=lambda x: x[0] / x[1]) for k, v in rounds_out.items()}
     rate = {k: t / s for k, (t, s) in best.items()}
-    return {
+    out: dict[str, Any] = {
         "prompts": len(prompts), "n": n, "sequences": len(prompts) * n,
         **{k: {"out_tokens": t, "seconds": round(s, 3), "tok_per_s": round(t / s, 1),
                "all_rounds_tok_per_s": [round(a / b, 1) for a, b in rounds_out[k]]} for k, (t, s) in best.items()},
-        "ratio_worker_over_plain": round(rate["worker"] / rate["plain"], 3),
-        "ratio_worker_over_plain_worker_params": round(rate["worker"] / rate["plain_worker_params"], 3),
-        "ratio_plain_seeded_over_plain": round(rate["plain_seeded"] / rate["plain"], 3),
-        "ratio_plain_worker_params_over_plain": round(rate["plain_worker_params"] / rate["plain"], 3),
-    }
+        "ratios_over_plain": {k: round(v / rate["plain"], 3) for k, v in rate.items() if k != "plain"}}
+    out["ratio_worker_over_plain"] = out["ratios_over_plain"]["worker"]
+    if "plain_worker_params" in rate:
+        out["ratio_worker_over_plain_worker_params"] = round(rate["worker"] / rate["plain_worker_params"], 3)
+    return out
 
 
 def main() -> None:
@@ -198,6 +209,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--paths", default=DEFAULT_PATHS, help=f"comma-separated, from {', '.join(PATHS)} "
+                    "(plain and worker are always run)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--enforce-eager", action="store_true", help="default on cpu; on cuda benchmark without it")
     ap.add_argument("--out", default=None)
@@ -209,6 +222,9 @@ def main() -> None:
     shape = args.shape or ("qwen3-0.6b" if gpu else "tiny")
     num = args.prompts or (256 if gpu else 16)
     tokens = args.tokens or (512 if gpu else 32)
+    paths = ["plain", *[p for p in args.paths.split(",") if p not in ("plain", "worker")], "worker"]
+    if unknown := sorted(set(paths) - set(PATHS)):
+        raise SystemExit(f"--paths: unknown {unknown}; valid paths are {', '.join(PATHS)}")
     if num % args.group_size:
         raise SystemExit(f"--prompts {num} must be a multiple of --group-size {args.group_size}")
 
@@ -235,9 +251,9 @@ def main() -> None:
     layouts = {"n1": (make_prompts(shape, num, args.prompt_tokens), 1),
                "group": (make_prompts(shape, num // args.group_size, args.prompt_tokens), args.group_size)}
     # warm-up every path (first-call compilation, allocator growth, per-request generators)
-    bench_layout(worker, layouts["n1"][0][:8], 2, tokens, 1)
+    bench_layout(worker, layouts["n1"][0][:8], 2, tokens, 1, paths)
 
-    results = {name: bench_layout(worker, prompts, n, tokens, args.rounds) for name, (prompts, n) in layouts.items()}
+    results: dict[str, Any] = {}
     report = {"bench": "rollout", **device_info(args.device), "vllm": vllm.__version__, "torch": torch.__version__,
               "shape": shape, "model": Path(model).name, "num_layers": args.num_layers,
               "tokens_per_sequence": tokens, "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
@@ -245,7 +261,9 @@ def main() -> None:
               "model_build_s": round(build_s, 1), "engine_start_s": round(start_s, 1), "results": results}
     out = Path(args.out or ROOT / "bench" / "results" / f"rollout_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    for name, (prompts, n) in layouts.items():  # the report is rewritten after each layout
+        results[name] = bench_layout(worker, prompts, n, tokens, args.rounds, paths)
+        out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     worker.shutdown()
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,3 +19,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One uninterrupted run of the small tiny cascade (tests/e2e_cli.py), shared by the resume tests."""
+    from e2e_cli import SMALL, read_run, run_cli
+
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    log = run_dir.parent / "cli.log"
+    rc = run_cli(run_dir, SMALL, log=log)
+    assert rc == 0, log.read_text()[-4000:]
+    return read_run(run_dir)

@@ -18,16 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny_cascade.yaml"
 RUN_TIMEOUT_S = 900.0
 
-# The tiny cascade cut down for tests: sft 63 steps, rollout 2 chunks of 32 prompts x G=8, mpo ~10 steps,
-# gspo 4 steps of 16 prompts x G=8; a checkpoint every 2 steps (keep 2 per stage).
-NUM_ROLLOUT_PROMPTS, GROUP_SIZE, GSPO_STEPS, GSPO_PROMPTS = 64, 8, 4, 16
+# The tiny cascade cut down for tests: sft 63 steps, rollout 2 chunks of 32 prompts x G=8, mpo ~10-20 steps,
+# gspo 4 steps of 16 prompts x G=8 (2 optimizer steps each); a checkpoint every 2 steps (keep 2 per stage).
+# A 5-step LR warm-up at each stage start makes a schedule wrongly restarted by a resume visible in train/lr.
+NUM_ROLLOUT_PROMPTS, GROUP_SIZE, GSPO_STEPS, GSPO_PROMPTS, WARMUP = 64, 8, 4, 16, 5
+STAGE_LR = {"sft": 2e-3, "mpo": 2e-4, "gspo": 2e-4}  # tiny_cascade.yaml
 SMALL = [f"stages.1.num_prompts={NUM_ROLLOUT_PROMPTS}", f"stages.3.gspo.num_steps={GSPO_STEPS}",
          f"stages.3.gspo.prompts_per_step={GSPO_PROMPTS}", f"rollout.group_size={GROUP_SIZE}",
-         "eval.num_prompts=16", "eval.every_steps=0", "checkpoint.every_steps=2", "checkpoint.keep_last=2"]
+         f"learner.warmup_steps={WARMUP}", "learner.lr_schedule=constant", "eval.num_prompts=16",
+         "eval.every_steps=0", "checkpoint.every_steps=2", "checkpoint.keep_last=2"]
 EXPECTED_RECORDS = {"rollout": NUM_ROLLOUT_PROMPTS * GROUP_SIZE, "gspo": GSPO_STEPS * GSPO_PROMPTS * GROUP_SIZE}
 
 
@@ -38,54 +43,88 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_run(run_dir: Path, overrides: list[str], *, log: Path, **env: str) -> subprocess.Popen:
-    """``cascade-rl run`` on the tiny recipe in a new session, output appended to ``log``."""
-    cmd = [sys.executable, "-m", "cascade_rl", "run", str(RECIPE), f"run_dir={run_dir}", *overrides]
-    with open(log, "a") as out:
-        out.write(f"\n===== {' '.join(cmd[3:])} {env or ''}\n")
-        out.flush()
-        return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(**env), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+class CliRun:
+    """``cascade-rl run`` on the tiny recipe in a new session, output appended to ``log``.
 
+    While it runs, its descendants are noted (Ray puts its workers in process groups of their own; they exit when
+    their raylet dies with the driver's group). Once the driver is gone, any noted process still alive after a
+    grace period is killed, so one test's crash never leaves load behind for the next.
+    """
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's whole process group (driver, Ray, actors, vLLM) and reap the driver."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
+    def __init__(self, run_dir: Path, overrides: list[str], *, log: Path, **env: str) -> None:
+        cmd = [sys.executable, "-m", "cascade_rl", "run", str(RECIPE), f"run_dir={run_dir}", *overrides]
+        self.log = log
+        with open(log, "a") as out:
+            out.write(f"\n===== {' '.join(cmd[3:])} {env or ''}\n")
+            out.flush()
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(**env), stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.seen: dict[int, Any] = {}
 
+    def poll(self) -> int | None:
+        import psutil
 
-def wait_run(proc: subprocess.Popen, timeout_s: float = RUN_TIMEOUT_S) -> int:
-    """The driver's exit code; leftover children of its group are killed either way (a crash leaves none)."""
-    try:
-        rc = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        raise
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return rc
+        try:
+            self.seen.update({p.pid: p for p in psutil.Process(self.proc.pid).children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+        return self.proc.poll()
+
+    def wait_for(self, predicate: Any, timeout_s: float = RUN_TIMEOUT_S, poll_s: float = 0.1) -> bool:
+        """Poll ``predicate()`` until true (True) or the driver exits first (False)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            if self.poll() is not None:
+                return bool(predicate())
+            time.sleep(poll_s)
+        self.kill()
+        raise TimeoutError(f"condition not met within {timeout_s:.0f} s")
+
+    def wait(self, timeout_s: float = RUN_TIMEOUT_S) -> int:
+        """The driver's exit code (-9: SIGKILLed)."""
+        deadline = time.monotonic() + timeout_s
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"cascade-rl run did not finish within {timeout_s:.0f} s; see {self.log}")
+            time.sleep(0.5)
+        self._reap()
+        return self.proc.returncode
+
+    def kill(self) -> int:
+        """SIGKILL the run's process group (driver, Ray head, its children), as a crash of the node would."""
+        self.poll()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=60)
+        self._reap()
+        return self.proc.returncode
+
+    def _reap(self, grace_s: float = 30.0) -> None:
+        import psutil
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a finished run leaves nothing in its group either
+        except ProcessLookupError:
+            pass
+        _, alive = psutil.wait_procs(list(self.seen.values()), timeout=grace_s)
+        for p in alive:
+            try:
+                p.kill()  # psutil checks the pid still names the same process
+            except psutil.NoSuchProcess:
+                pass
+        if alive:
+            with open(self.log, "a") as out:
+                out.write(f"\n[e2e_cli] killed {len(alive)} process(es) that outlived the driver by {grace_s:.0f} s: "
+                          f"{sorted(p.pid for p in alive)}\n")
 
 
 def run_cli(run_dir: Path, overrides: list[str], *, log: Path, **env: str) -> int:
-    return wait_run(start_run(run_dir, overrides, log=log, **env))
-
-
-def wait_for(predicate: Any, proc: subprocess.Popen, timeout_s: float = RUN_TIMEOUT_S, poll_s: float = 0.05) -> bool:
-    """Poll ``predicate()`` until true (True) or the process exits first (False)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return bool(predicate())
-        time.sleep(poll_s)
-    kill_group(proc)
-    raise TimeoutError(f"condition not met within {timeout_s:.0f} s")
+    return CliRun(run_dir, overrides, log=log, **env).wait()
 
 
 def complete_steps(run_dir: Path, stage_folder: str) -> list[int]:
@@ -105,6 +144,7 @@ class RunFacts:
     final_driver_state: dict[str, dict[str, Any]]  # stage folder -> driver.json of its newest checkpoint
     pairs: list[Any] = field(default_factory=list)
     mlflow_runs: list[tuple[str, str]] = field(default_factory=list)  # (run id, status) in the experiment
+    lr: dict[int, float] = field(default_factory=dict)  # MLflow step -> train/lr (the last value logged there)
 
     def counts(self) -> dict[str, int]:
         return {stage: len(ids) for stage, ids in self.records.items()}
@@ -137,15 +177,47 @@ def read_run(run_dir: Path) -> RunFacts:
     return RunFacts(run_id=run_id, stage_results=run_state["stage_results"], records=records,
                     record_run_ids=run_ids, checkpoints=checkpoints, partial_checkpoints=partial,
                     final_driver_state=final, pairs=[p for f in pairs_files for p in read_pairs(f)],
-                    mlflow_runs=_mlflow_runs(run_dir))
+                    mlflow_runs=_mlflow_runs(run_dir), lr=_last_per_step(run_dir, run_id, "train/lr"))
+
+
+def _client(run_dir: Path) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
 
 
 def _mlflow_runs(run_dir: Path) -> list[tuple[str, str]]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = _client(run_dir)
     experiments = [e.experiment_id for e in client.search_experiments()]
     return [(r.info.run_id, r.info.status) for r in client.search_runs(experiments)]
+
+
+def _last_per_step(run_dir: Path, run_id: str, key: str) -> dict[int, float]:
+    """A resumed run logs the steps after its checkpoint again: the later value is the one that counts."""
+    history = sorted(_client(run_dir).get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    return {m.step: m.value for m in history}
+
+
+def expected_lrs(stage: str, num_steps: int) -> list[float]:
+    """train/lr of each step of a stage: linear warm-up over WARMUP optimizer steps, then constant (gspo: the
+    mean over its 2 mini-batch updates per step)."""
+    def lr_at(k: int) -> float:
+        return STAGE_LR[stage] * min(k + 1, WARMUP) / WARMUP
+
+    if stage == "gspo":
+        return [(lr_at(2 * k) + lr_at(2 * k + 1)) / 2 for k in range(num_steps)]
+    return [lr_at(k) for k in range(num_steps)]
+
+
+def stage_lrs(facts: RunFacts) -> dict[str, list[float]]:
+    """train/lr per trained stage, split by the global step each stage's final checkpoint recorded."""
+    out, start = {}, 0
+    for folder, state in sorted(facts.final_driver_state.items()):
+        name = folder.split("-", 1)[1]
+        if name != "rollout":
+            out[name] = [facts.lr[s] for s in range(start + 1, state["global_step"] + 1) if s in facts.lr]
+        start = state["global_step"]
+    return out
 
 
 def check_consistent(facts: RunFacts, reference: RunFacts | None = None) -> None:
@@ -156,7 +228,7 @@ def check_consistent(facts: RunFacts, reference: RunFacts | None = None) -> None
     assert facts.counts() == EXPECTED_RECORDS, facts.counts()
     assert facts.duplicates() == {stage: [] for stage in EXPECTED_RECORDS}
     assert facts.partial_checkpoints == []
-    done = {name: state for name, state in facts.final_driver_state.items()}
+    done = facts.final_driver_state
     assert sorted(done) == ["s00-sft", "s01-rollout", "s02-mpo", "s03-gspo"], sorted(done)
     assert all(state["stage_done"] for state in done.values()), done
     assert all(1 <= len(steps) <= 2 for steps in facts.checkpoints.values()), facts.checkpoints  # keep_last=2
@@ -170,6 +242,10 @@ def check_consistent(facts: RunFacts, reference: RunFacts | None = None) -> None
     sources = {s.removeprefix(f"{facts.run_id}/") for p in facts.pairs for s in p.source_ids}
     assert sources and sources <= logged, sorted(sources - logged)[:5]
     assert len({p.pair_id for p in facts.pairs}) == len(facts.pairs)
+    # each stage's LR schedule ran once, start to end: a resume continued it rather than starting it again
+    steps = {folder.split("-", 1)[1]: state["stage_step"] for folder, state in done.items()}
+    for stage, lrs in stage_lrs(facts).items():
+        assert lrs == pytest.approx(expected_lrs(stage, steps[stage]), rel=1e-6), (stage, lrs)
     if reference is not None:
         for stage in EXPECTED_RECORDS:
             assert sorted(facts.records[stage]) == sorted(reference.records[stage]), stage

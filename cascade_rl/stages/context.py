@@ -55,7 +55,8 @@ class RunContext:
         Points: ``<N>`` — the first metrics logged once the stage has done N steps (after step N's records are
         logged, before its checkpoint); ``checkpoint-<N>`` — step N's checkpoint is half written (learner state
         saved, no COMPLETE marker); ``done`` — the stage's final checkpoint is complete, its evaluation not yet run.
-        The whole process group dies when the driver leads one (Ray and vLLM children with it), as after a crash.
+        When the driver leads its process group, the whole group is killed (the local Ray head with it; Ray's
+        workers, in groups of their own, exit when their raylet dies), as after a crash of the node.
         """
         target = os.environ.get(FAULT_ENV)
         if not target or self.state.stage_index >= len(self.cfg.stages):

@@ -121,9 +121,12 @@ def _evaluate_if_missing(ctx: RunContext, stage: StageConfig, index: int) -> Non
 
 
 def print_results(results: dict[str, dict[str, float]], run_id: str | None, uri: str) -> None:
+    """The held-out table: greedy accuracy, and avg@k accuracy over k samples at the rollout temperature
+    (``eval.sampled_n``; what the RL stages optimise), mean reward and response length per stage."""
+    nan = float("nan")
     print("\nheld-out accuracy after each stage", file=sys.stdout)
-    print(f"{'stage':<16}{'accuracy':>10}{'mean reward':>13}{'resp tokens':>13}")
+    print(f"{'stage':<16}{'greedy acc':>12}{'sampled acc':>13}{'mean reward':>13}{'resp tokens':>13}")
     for name, m in results.items():
-        print(f"{name:<16}{m.get('eval/accuracy', float('nan')):>10.3f}{m.get('eval/mean_reward', float('nan')):>13.3f}"
-              f"{m.get('eval/response_tokens', float('nan')):>13.1f}")
+        print(f"{name:<16}{m.get('eval/accuracy', nan):>12.3f}{m.get('eval/sampled/accuracy', nan):>13.3f}"
+              f"{m.get('eval/mean_reward', nan):>13.3f}{m.get('eval/response_tokens', nan):>13.1f}")
     print(f"MLflow run {run_id} in {redact_text(uri)}", flush=True)

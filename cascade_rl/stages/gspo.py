@@ -85,7 +85,12 @@ def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[fl
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v) / len(parts)
     perf = {"step_s": "perf/learner_step_s", "peak_mem_gib": "perf/learner_peak_mem_gib"}
-    return {perf.get(k, f"train/{k}"): v for k, v in sums.items()}
+    out = {perf.get(k, f"train/{k}"): v for k, v in sums.items()}
+    # engine vs learner on the same tokens: near 0 when weight sync works; growing = a stale or partial sync
+    gaps = [abs(b - o) for i, old in zip(keep, batch.old_logprobs, strict=True)
+            for b, o in zip(gens[i].logprobs, old, strict=True)]
+    out["rollout/behaviour_logprob_gap"] = sum(gaps) / max(len(gaps), 1)
+    return out
 
 
 def _select_prompts(ctx: RunContext, stage: StageConfig, index: int) -> list:

@@ -155,6 +155,27 @@ def test_gspo_step_moves_weights_and_layout_budget_checkpointing_do_not_change_t
         torch.testing.assert_close(w1[n], w2[n], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("loss", ["gspo", "grpo"])
+def test_policy_step_raises_positive_and_lowers_negative_advantage_sequences(tiny_lm: str, loss: str) -> None:
+    """The sign check no invariance test can make: after a few updates with A = (+1, -1) on two sequences, the
+    first one's mean response log-prob has gone up and the second one's down (with packing reordering them)."""
+    batch = random_batch(seed=3, prompt_lens=(6, 4), response_lens=(5, 7))
+    batch.advantages = [1.0, -1.0]
+    w = make_worker(tiny_lm, lr=1e-2, micro_batch_tokens=16, packing="packed")
+
+    def mean_logprobs() -> list[float]:
+        return [sum(row) / len(row) for row in w.compute_logprobs(batch)]
+
+    before = mean_logprobs()
+    for _ in range(3):
+        batch.old_logprobs = w.compute_logprobs(batch)  # on-policy each round: ratio 1, plain policy gradient
+        w.train_policy(batch, loss=loss, clip_low=0.2, clip_high=0.2, num_global_seqs=2,
+                       num_global_tokens=sum(map(len, batch.response_token_ids)))
+    after = mean_logprobs()
+    assert after[0] > before[0] + 0.05, (before, after)
+    assert after[1] < before[1] - 0.05, (before, after)
+
+
 def test_mpo_step_and_reward_shift_survive_checkpoint(tiny_lm: str, tmp_path: Path) -> None:
     w = make_worker(tiny_lm, warmup_steps=2, total_steps=4, lr_schedule="cosine")
     seqs = random_batch(seed=3)

@@ -9,11 +9,13 @@ from pathlib import Path
 from cascade_rl.types import Sample
 
 
-def index_stall_once(sample: Sample, *, marker: str, stall_s: float = 30.0) -> float:
-    """The sample's index, so tests can check order and count. The first sample with ``metadata["stall"]`` writes
-    ``marker`` (its pid) and then stalls, so the test can kill the reward actor mid-batch; once the marker
-    exists (the rescoring after a restart) it returns at once. The stall ends early if the parent dies."""
-    if sample.metadata.get("stall") and not os.path.exists(marker):
+def index_stall_once(sample: Sample, *, stall_s: float = 30.0) -> float:
+    """The sample's index, so tests can check order and count. A sample whose ``metadata["stall_marker"]`` names a
+    file that does not exist yet writes it (its pid) and then stalls, so the test can kill the reward actor
+    mid-batch; once the marker exists (the rescoring after a restart) it returns at once. The stall ends early if
+    the parent process dies."""
+    marker = sample.metadata.get("stall_marker")
+    if marker and not os.path.exists(marker):
         Path(marker).write_text(str(os.getpid()))
         parent, deadline = os.getppid(), time.monotonic() + stall_s
         while time.monotonic() < deadline and os.getppid() == parent:

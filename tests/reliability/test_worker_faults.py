@@ -81,7 +81,8 @@ def _policy_batch(result: Any, repeat: int = 1) -> Any:
     gens = result.generations * repeat
     return SequenceBatch(prompt_token_ids=[g.prompt_token_ids for g in gens],
                          response_token_ids=[g.token_ids for g in gens],
-                         advantages=[1.0 if i % 2 else -1.0 for i in range(len(gens))],
+                         # by prompt: greedy repeats a response N times, and ±1 within a prompt would cancel
+                         advantages=[1.0 if g.prompt_index % 2 else -1.0 for g in gens],
                          old_logprobs=[g.logprobs for g in gens])
 
 
@@ -112,48 +113,55 @@ def rollout(ray_session: None, tiny_lm: Path) -> Iterator[Any]:
 # ------------------------------------------------------------------------------------------------ rewards
 
 
+@pytest.fixture(scope="module")
+def rewards(ray_session: None) -> Iterator[Any]:
+    from cascade_rl.actors.group import RewardGroup
+
+    # num_processes=0: scored inside the actor (no pool process to start), so the tests stay quick
+    group = RewardGroup([("fault_rewards:index_stall_once", 1.0, {})], timeout_s=60.0, num_workers=2,
+                        correct_threshold=0.5, num_processes=0)
+    yield group
+    group.shutdown()
+
+
 @pytest.mark.parametrize("how", ["os.kill", "ray.kill"])
-def test_reward_worker_killed_mid_batch_is_restarted_and_rescores_its_slice(ray_session: None, tmp_path: Path,
+def test_reward_worker_killed_mid_batch_is_restarted_and_rescores_its_slice(rewards: Any, tmp_path: Path,
                                                                            how: str) -> None:
     import ray
 
-    from cascade_rl.actors.group import RewardGroup
     from cascade_rl.types import Sample
 
     marker = tmp_path / "stalled"
-    # num_processes=0: scored inside the actor (no pool process to start), so the test stays quick
-    rewards = RewardGroup([("fault_rewards:index_stall_once", 1.0, {"marker": str(marker)})], timeout_s=60.0,
-                          num_workers=2, correct_threshold=0.5, num_processes=0)
-    try:
-        pids = [int(s["pid"]) for s in rewards.stats()]
-        # 10 samples: worker 0 scores 0-4, worker 1 scores 5-9 and stalls on sample 7
-        samples = [Sample(prompt=[{"role": "user", "content": "q"}], response=str(i),
-                          metadata={"index": i, "stall": i == 7}) for i in range(10)]
-        thread, out = _run_in_thread(lambda: rewards.score(samples))
-        deadline = time.monotonic() + 60
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert marker.exists(), "the reward never reached the stalling sample"
-        if how == "os.kill":
-            os.kill(pids[1], signal.SIGKILL)
-        else:
-            ray.kill(rewards.workers[1], no_restart=True)
-        thread.join(timeout=120)
-        assert not thread.is_alive() and "error" not in out, out.get("error")
-        results = out["value"]
-        assert [r.total for r in results] == [float(i) for i in range(10)]  # each sample once, in order
-        assert all(not r.errors for r in results)
-        assert rewards.num_restarts == 1
-        stats = rewards.stats()
-        assert int(stats[1]["pid"]) != pids[1]
-        assert [s["num_scored"] for s in stats] == [5.0, 5.0]  # the new worker rescored exactly its slice
-    finally:
-        rewards.shutdown()
+    pids, restarts = [int(s["pid"]) for s in rewards.stats()], rewards.num_restarts
+    scored_before = rewards.stats()[0]["num_scored"]
+    # 10 samples: worker 0 scores 0-4, worker 1 scores 5-9 and stalls on sample 7
+    samples = [Sample(prompt=[{"role": "user", "content": "q"}], response=str(i),
+                      metadata={"index": i, "stall_marker": str(marker) if i == 7 else None}) for i in range(10)]
+    thread, out = _run_in_thread(lambda: rewards.score(samples))
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "the reward never reached the stalling sample"
+    if how == "os.kill":
+        os.kill(pids[1], signal.SIGKILL)
+    else:
+        ray.kill(rewards.workers[1], no_restart=True)
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "error" not in out, out.get("error")
+    results = out["value"]
+    assert [r.total for r in results] == [float(i) for i in range(10)]  # each sample once, in order
+    assert all(not r.errors for r in results)
+    assert rewards.num_restarts == restarts + 1
+    stats = rewards.stats()
+    assert int(stats[1]["pid"]) != pids[1] and int(stats[0]["pid"]) == pids[0]
+    assert (stats[0]["num_scored"] - scored_before, stats[1]["num_scored"]) == (5.0, 5.0)  # the new worker
+    # rescored exactly its slice; the other worker's results were kept, not redone
 
 
 def test_a_reward_worker_that_dies_on_every_try_gives_a_clear_error(ray_session: None) -> None:
     from cascade_rl.actors.faults import WorkersKeepDyingError
     from cascade_rl.actors.group import RewardGroup
+
     from cascade_rl.types import Sample
 
     # num_processes=0 scores inside the actor, so the reward's os._exit ends the actor itself
@@ -209,9 +217,8 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_learner_rank_killed_mid_step_stops_cleanly_and_names_the_checkpoint(learners: Any, rollout: Any,
                                                                             tmp_path: Path) -> None:
     import ray
-    from ray.exceptions import RayActorError
-
     from cascade_rl.actors.faults import LearnerFailedError
+    from ray.exceptions import RayActorError
 
     ckpt = tmp_path / "checkpoints" / "s00-gspo" / "step-000001" / "learner"
     learners.save_checkpoint(str(ckpt), {"driver": {"stage_step": 1}})

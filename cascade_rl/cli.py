@@ -27,17 +27,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def check_resources(cfg: RecipeConfig) -> list[str]:
     """What ``validate`` checks beyond the recipe itself: datasets, rewards, model config."""
-    from .data.prompts import resolve_data_path
+    from .data.prompts import load_prompts, resolve_data_path
     from .data.tiny_models import resolve_model_path
     from .rewards import get_reward
     from .security import check_reward_spec
 
     problems: list[str] = []
+    d = cfg.data
     for key in ("train", "eval"):
-        spec = getattr(cfg.data, key)
+        spec = getattr(d, key)
         try:
-            resolve_data_path(spec, Path(cfg.run_dir) / "data", check_only=True)
-        except (FileNotFoundError, ValueError) as exc:
+            path = resolve_data_path(spec, Path(cfg.run_dir) / "data", check_only=True)
+            if not spec.startswith("synthetic:"):  # a user's file: read every row now, not mid-run
+                load_prompts(path, id_key=d.id_key, prompt_key=d.prompt_key, answer_key=d.answer_key,
+                             image_key=d.image_key, system_prompt=d.system_prompt)
+        except (FileNotFoundError, ValueError) as exc:  # PromptDataError is a ValueError
             problems.append(f"data.{key}: {exc}")
     for i, term in enumerate(cfg.reward.terms):
         try:
@@ -117,6 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        cause = getattr(exc, "cause", None) or exc  # a worker's error arrives wrapped in Ray's RayTaskError
+        if type(cause).__name__ not in USER_FACING_ERRORS:
+            raise
+        # the message already names the row / worker / checkpoint and the fix; a traceback adds nothing
+        print(f"error ({type(cause).__name__}): {cause}", file=sys.stderr)
+        return 1
+
+
+# Errors whose message is the whole story (bad data rows, a corrupt log shard, workers that keep dying, a
+# learner rank lost, an engine that cannot start): matched by name so the CLI never imports Ray or vLLM to check.
+USER_FACING_ERRORS = {"PromptDataError", "CorruptShardError", "LearnerFailedError", "WorkersKeepDyingError",
+                      "RolloutEngineError"}
 
 
 if __name__ == "__main__":

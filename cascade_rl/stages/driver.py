@@ -78,6 +78,16 @@ def run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None = None) -> dict
 
 def _start(cfg: RecipeConfig, run_dir: Path) -> RunContext:
     """Resolve data and model, reopen or start the MLflow run, start workers, restore the newest checkpoint."""
+    # data and model first: a bad row fails here, before an MLflow run or any worker exists
+    from transformers import AutoTokenizer
+
+    model_path = str(resolve_model_path(cfg.model.path))
+    d = cfg.data
+    keys = dict(id_key=d.id_key, prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
+                system_prompt=d.system_prompt, tokenizer=AutoTokenizer.from_pretrained(model_path),
+                max_prompt_tokens=cfg.model.max_prompt_tokens)
+    train = load_prompts(resolve_data_path(d.train, run_dir / "data"), **keys)
+    evals = load_prompts(resolve_data_path(d.eval, run_dir / "data"), **keys)
     run_state = RunState.load(run_dir) if cfg.resume == "auto" else RunState()
     ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_dir)
@@ -87,12 +97,6 @@ def _start(cfg: RecipeConfig, run_dir: Path) -> RunContext:
     tracker.log_params(redact(flatten(cfg)))  # secrets never reach MLflow
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     tracker.log_text(OmegaConf.to_yaml(redact(resolved)), "recipe/resolved.yaml")
-    d = cfg.data
-    keys = dict(id_key=d.id_key, prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
-                system_prompt=d.system_prompt)
-    train = load_prompts(resolve_data_path(d.train, run_dir / "data"), **keys)
-    evals = load_prompts(resolve_data_path(d.eval, run_dir / "data"), **keys)
-    model_path = str(resolve_model_path(cfg.model.path))
     init_ray(cfg)
     learners, rollout, rewards, is_vlm = build_groups(cfg, model_path)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, model_path=model_path, tracker=tracker, learners=learners,

@@ -9,10 +9,15 @@ token ids (the worker's chat-template rendering of the prompts), temperature 1, 
 - ``plain``: ``llm.generate(prompts, SamplingParams(n, temperature=1, max_tokens, ignore_eos=True))``, the call
   a user of vLLM would write; the headline baseline;
 - ``plain_seeded``: the same with one ``seed`` per prompt (vLLM then samples with a generator per request);
+- ``plain_logprobs``: the plain call with ``logprobs=0`` (each sampled token's log-prob), no seeds;
 - ``plain_worker_params``: exactly the worker's per-prompt ``SamplingParams`` (seed, ``logprobs=0``, ...), so
   ``worker / plain_worker_params`` is the cost of the worker's own Python (rendering, records) alone;
+- ``plain_worker_params_no_detok``: the same with ``detokenize=False`` (is the text the cost?);
 - ``worker``: ``RolloutWorker.generate(chat messages, n)``: chat template + tokenisation, per-prompt seeds,
   ``logprobs=0`` (the sampled token's log-prob), ``Generation`` records.
+``--paths`` picks a subset (``plain`` and ``worker`` always run). On an H100 with vLLM 0.26 (Qwen3-0.6B shape,
+256 x 512 tokens) ``logprobs=0`` alone halves plain throughput, so the worker, which asks for behaviour
+log-probs, reaches about 0.5-0.6x of plain ``generate`` (``bench/results/rollout_cuda.json``).
 Two layouts with the same number of sequences: ``n1`` (P prompts, n=1) and ``group`` (P/G prompts, n=G, the RL
 case: one prefill per group). Rounds cycle through the paths; the best round of each counts.
 ``ratio_worker_over_plain = worker tokens/s / plain tokens/s`` (1.0 = no overhead; target >= 0.95). Writes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +32,32 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
     rc = run_cli(run_dir, SMALL, log=log)
     assert rc == 0, log.read_text()[-4000:]
     return read_run(run_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm() -> Path:
+    """The tiny Qwen3 built from config (cached by content under CASCADE_RL_CACHE)."""
+    from cascade_rl.data.tiny_models import build_tiny_lm
+
+    return build_tiny_lm()
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm() -> Path:
+    """The tiny InternVL-architecture VLM built from config."""
+    from cascade_rl.data.tiny_models import build_tiny_vlm
+
+    return build_tiny_vlm()
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance for the whole session (2 CPUs, a 512 MiB object store), whichever folder asks first."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, object_store_memory=512 << 20, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

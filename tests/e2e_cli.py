@@ -1,8 +1,9 @@
 """End-to-end helpers: run the real ``cascade-rl run`` CLI as a subprocess, SIGKILL it, read what a run left behind.
 
-A run is started in its own session (``start_new_session=True``) so that killing its process group also kills the
-Ray head, the actors and vLLM's engine processes it started, as a crashed node would. Its stdout and stderr go to a
-log file next to the run folder. ``read_run`` gathers the facts the resume tests compare: rollout-log record ids per
+A run is started in its own session (``start_new_session=True``) so that killing its process group kills the driver
+and the local Ray head it started, as a crashed node would; Ray's actors (and vLLM's engine processes under them)
+exit when their raylet dies, and any that linger are killed by ``CliRun``. Stdout and stderr go to a log file next
+to the run folder. ``read_run`` gathers the facts the resume tests compare: rollout-log record ids per
 stage, checkpoints, preference pairs, the MLflow run and its status.
 """
 
@@ -169,11 +170,12 @@ def read_run(run_dir: Path) -> RunFacts:
     checkpoints, partial, final = {}, [], {}
     for stage_dir in sorted((run_dir / "checkpoints").iterdir()):
         checkpoints[stage_dir.name] = complete_steps(run_dir, stage_dir.name)
-        partial += [str(p.relative_to(run_dir)) for p in stage_dir.glob("step-*") if not (p / "COMPLETE").exists()]
+        partial += [str(p.relative_to(run_dir)) for p in stage_dir.glob("step-*")
+                    if not ((p / "COMPLETE").exists() and (p / "learner" / "COMPLETE").exists())]
         if checkpoints[stage_dir.name]:
             newest = stage_dir / f"step-{checkpoints[stage_dir.name][-1]:06d}"
             final[stage_dir.name] = json.loads((newest / "driver.json").read_text())
-    pairs_files = sorted((run_dir / "pairs").glob("*.parquet"))
+    pairs_files = [f for f in [run_dir / "pairs" / "mpo.parquet"] if f.exists()]
     return RunFacts(run_id=run_id, stage_results=run_state["stage_results"], records=records,
                     record_run_ids=run_ids, checkpoints=checkpoints, partial_checkpoints=partial,
                     final_driver_state=final, pairs=[p for f in pairs_files for p in read_pairs(f)],

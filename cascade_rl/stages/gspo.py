@@ -87,9 +87,10 @@ def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[fl
     perf = {"step_s": "perf/learner_step_s", "peak_mem_gib": "perf/learner_peak_mem_gib"}
     out = {perf.get(k, f"train/{k}"): v for k, v in sums.items()}
     # engine vs learner on the same tokens: near 0 when weight sync works; growing = a stale or partial sync
-    gaps = [abs(b - o) for i, old in zip(keep, batch.old_logprobs, strict=True)
+    gaps = [abs(b - o) for i, old in zip(keep, batch.old_logprobs, strict=True) if gens[i].logprobs
             for b, o in zip(gens[i].logprobs, old, strict=True)]
-    out["rollout/behaviour_logprob_gap"] = sum(gaps) / max(len(gaps), 1)
+    if gaps:  # absent with rollout.behaviour_logprobs=false
+        out["rollout/behaviour_logprob_gap"] = sum(gaps) / len(gaps)
     return out
 
 

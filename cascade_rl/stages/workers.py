@@ -55,7 +55,8 @@ def build_groups(cfg: RecipeConfig, model_path: str):
         model_path=model_path, backend=r.backend, dtype=m.dtype, max_response_tokens=m.max_response_tokens,
         max_prompt_tokens=m.max_prompt_tokens, temperature=r.temperature, top_p=r.top_p, seed=cfg.seed,
         gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
-        enforce_eager=r.enforce_eager, is_vlm=vlm, enable_sleep=r.sleep_when_idle)
+        enforce_eager=r.enforce_eager, is_vlm=vlm, enable_sleep=r.sleep_when_idle,
+        behaviour_logprobs=r.behaviour_logprobs)
     learner_spec = LearnerSpec(
         model_path=model_path, dtype=m.dtype, zero_stage=lr.zero_stage, lr=lr.lr, weight_decay=lr.weight_decay,
         warmup_steps=lr.warmup_steps, lr_schedule=lr.lr_schedule, total_steps=1, grad_clip=lr.grad_clip,

@@ -40,32 +40,6 @@ def arithmetic_prompts(n: int = NUM_PROMPTS) -> list[tuple[list[dict[str, Any]],
 
 
 @pytest.fixture(scope="session")
-def tiny_lm() -> Path:
-    from cascade_rl.data.tiny_models import build_tiny_lm
-
-    return build_tiny_lm()
-
-
-@pytest.fixture(scope="session")
-def tiny_vlm() -> Path:
-    from cascade_rl.data.tiny_models import build_tiny_vlm
-
-    return build_tiny_vlm()
-
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, object_store_memory=512 << 20, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="session")
 def vllm_rollout(ray_session: None, tiny_lm: Path) -> Iterator[Any]:
     """The session's one vLLM engine, inside a 1-worker RolloutGroup."""
     from cascade_rl.actors.group import RolloutGroup

@@ -11,25 +11,11 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_lm_path() -> Path:
-    from cascade_rl.data.tiny_models import build_tiny_lm
-
-    return build_tiny_lm()
-
-
-@pytest.fixture(scope="session")
-def tiny_vlm_path() -> Path:
-    from cascade_rl.data.tiny_models import build_tiny_vlm
-
-    return build_tiny_vlm()
-
-
-@pytest.fixture(scope="session")
-def tiny_lm_vllm(tiny_lm_path: Path) -> Iterator[Any]:
+def tiny_lm_vllm(tiny_lm: Path) -> Iterator[Any]:
     """One vLLM engine on the tiny LM for the whole session (engine start ~30 s on CPU)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     vllm = pytest.importorskip("vllm")
-    llm = vllm.LLM(model=str(tiny_lm_path), enforce_eager=True, dtype="float32", max_model_len=512,
+    llm = vllm.LLM(model=str(tiny_lm), enforce_eager=True, dtype="float32", max_model_len=512,
                    max_num_seqs=8, seed=0)
     yield llm
     del llm

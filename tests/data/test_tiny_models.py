@@ -42,14 +42,14 @@ def test_tokenizer_round_trip_and_chat_template(tmp_path: Path) -> None:
     assert tok.apply_chat_template(image_msg, tokenize=False) == "<|im_start|>user\n<IMG_CONTEXT>\nHow many?<|im_end|>\n"
 
 
-def test_tiny_lm_loads_and_generates(tiny_lm_path: Path) -> None:
+def test_tiny_lm_loads_and_generates(tiny_lm: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
     cfg = model.config
     assert (cfg.model_type, cfg.head_dim, cfg.vocab_size) == ("qwen3", 64, len(tok))
-    assert json.loads((tiny_lm_path / "generation_config.json").read_text())["eos_token_id"] == [
+    assert json.loads((tiny_lm / "generation_config.json").read_text())["eos_token_id"] == [
         tok.eos_token_id, tok.pad_token_id]
     enc = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
@@ -61,11 +61,11 @@ def test_tiny_lm_loads_and_generates(tiny_lm_path: Path) -> None:
     assert torch.isfinite(loss) and model.model.embed_tokens.weight.grad.abs().sum() > 0
 
 
-def test_tiny_vlm_forward_and_generate(tiny_vlm_path: Path) -> None:
+def test_tiny_vlm_forward_and_generate(tiny_vlm: Path) -> None:
     from transformers import InternVLForConditionalGeneration
 
-    model = InternVLForConditionalGeneration.from_pretrained(tiny_vlm_path).eval()
-    proc = load_vlm_processor(tiny_vlm_path)
+    model = InternVLForConditionalGeneration.from_pretrained(tiny_vlm).eval()
+    proc = load_vlm_processor(tiny_vlm)
     scenes = [shapes_scene(random.Random(i)) for i in range(2)]
     images = [draw_shapes(s["shapes"]) for s in scenes]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scenes[0]["prompt"]}]}]
@@ -112,17 +112,17 @@ def test_resolve_model_path_errors(tmp_path: Path) -> None:
         resolve_model_path(str(tmp_path))
 
 
-def test_resolve_model_path_passes_folders_through(tiny_lm_path: Path) -> None:
-    assert resolve_model_path("tiny:lm") == tiny_lm_path
-    assert resolve_model_path(str(tiny_lm_path)) == tiny_lm_path.resolve()
+def test_resolve_model_path_passes_folders_through(tiny_lm: Path) -> None:
+    assert resolve_model_path("tiny:lm") == tiny_lm
+    assert resolve_model_path(str(tiny_lm)) == tiny_lm.resolve()
 
 
 @pytest.mark.slow
-def test_vllm_generates_with_the_tiny_lm(tiny_lm_vllm, tiny_lm_path: Path) -> None:
+def test_vllm_generates_with_the_tiny_lm(tiny_lm_vllm, tiny_lm: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import SamplingParams
 
-    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
     prompt_ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                          tokenize=True, return_dict=True)["input_ids"]
     params = SamplingParams(max_tokens=6, min_tokens=6, temperature=1.0, seed=0, logprobs=0)
@@ -130,7 +130,7 @@ def test_vllm_generates_with_the_tiny_lm(tiny_lm_vllm, tiny_lm_path: Path) -> No
     assert len(out.token_ids) == 6
     # vLLM's log-probs of its sampled tokens match transformers' on the same weights
     vllm_logprobs = torch.tensor([lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids, strict=True)])
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
     ids = torch.tensor([prompt_ids + list(out.token_ids)])
     with torch.no_grad():
         logp = model(ids).logits[0, len(prompt_ids) - 1 : -1].log_softmax(-1)  # (6, V)

@@ -26,17 +26,3 @@ def math_pool() -> Iterator[object]:
 
     with RewardScorer([("math_verify", 1.0, {})], timeout_s=1.0, num_workers=2, grace_s=0.5) as scorer:
         yield scorer
-
-
-@pytest.fixture(scope="session")
-def prm_lm_path() -> Path:
-    from cascade_rl.data.tiny_models import build_tiny_lm
-
-    return build_tiny_lm()
-
-
-@pytest.fixture(scope="session")
-def prm_vlm_path() -> Path:
-    from cascade_rl.data.tiny_models import build_tiny_vlm
-
-    return build_tiny_vlm()

@@ -56,8 +56,8 @@ def _reference_scores(path: Path, ids: list[int], positions: list[int], pos_id: 
 
 
 @pytest.mark.parametrize("which", ["lm", "vlm"])
-def test_scores_are_softmax_at_marker_positions(which: str, prm_lm_path: Path, prm_vlm_path: Path) -> None:
-    path = prm_lm_path if which == "lm" else prm_vlm_path
+def test_scores_are_softmax_at_marker_positions(which: str, tiny_lm: Path, tiny_vlm: Path) -> None:
+    path = tiny_lm if which == "lm" else tiny_vlm
     prm = load_prm(str(path))
     tok = prm.tokenizer
     pos_id, neg_id = (tok("+", add_special_tokens=False)["input_ids"][0], tok("-", add_special_tokens=False)["input_ids"][0])
@@ -81,9 +81,9 @@ def test_scores_are_softmax_at_marker_positions(which: str, prm_lm_path: Path, p
             pytest.approx(math.prod(pair), abs=1e-5)]
 
 
-def test_loads_a_saved_checkpoint_folder_and_refuses_non_local(prm_lm_path: Path, tmp_path: Path) -> None:
+def test_loads_a_saved_checkpoint_folder_and_refuses_non_local(tiny_lm: Path, tmp_path: Path) -> None:
     folder = tmp_path / "my_prm"
-    shutil.copytree(prm_lm_path, folder)
+    shutil.copytree(tiny_lm, folder)
     out = prm_reward(_samples(), model_path=str(folder), aggregate="last")
     assert len(out) == 3 and all(0.0 < v < 1.0 for v in out)
     assert prm_reward([Sample(prompt=PROMPT, response="  ")], model_path=str(folder))[0].reason.startswith("empty")
@@ -93,8 +93,8 @@ def test_loads_a_saved_checkpoint_folder_and_refuses_non_local(prm_lm_path: Path
         prm_reward(_samples(), model_path=str(folder), positive="yes indeed")
 
 
-def test_prm_in_a_worker_process_and_best_of_n(prm_lm_path: Path) -> None:
-    kwargs = {"model_path": str(prm_lm_path), "aggregate": "mean"}
+def test_prm_in_a_worker_process_and_best_of_n(tiny_lm: Path) -> None:
+    kwargs = {"model_path": str(tiny_lm), "aggregate": "mean"}
     with RewardScorer([("prm", 1.0, kwargs)], timeout_s=30, num_workers=1) as scorer:
         results = scorer.score(_samples())
     expected = prm_reward(_samples(), **kwargs)
@@ -105,18 +105,18 @@ def test_prm_in_a_worker_process_and_best_of_n(prm_lm_path: Path) -> None:
     assert best_of_n([[Sample(prompt=[], response="a")] * 2], lambda s: [None, 0.1]) == [1]
 
 
-def test_vlm_scores_steps_with_the_image(prm_vlm_path: Path, tmp_path: Path) -> None:
+def test_vlm_scores_steps_with_the_image(tiny_vlm: Path, tmp_path: Path) -> None:
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
     Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "red.png")
     sample = Sample(prompt=[{"role": "user", "content": "What colour is it?"}], response="It is red.\nred",
                     images=[str(tmp_path / "red.png")])
-    prm = load_prm(str(prm_vlm_path))
+    prm = load_prm(str(tiny_vlm))
     (got,) = prm.step_scores([sample])
     ids, positions, pixel_values = prm.build_inputs(sample, ["It is red.", "red"], "<prm>")
     assert pixel_values is not None and prm.tokenizer.decode(ids).count("<IMG_CONTEXT>") == 4  # expanded image
-    model = AutoModelForImageTextToText.from_pretrained(prm_vlm_path).eval()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm).eval()
     pos_id, neg_id = (prm.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in "+-")
     with torch.no_grad():
         z = model(input_ids=torch.tensor([ids]), pixel_values=pixel_values).logits[0, positions]  # (K, V)

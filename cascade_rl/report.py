@@ -4,7 +4,8 @@ Reads the MLflow run (default store ``sqlite:///<run_dir>/mlflow.db``, newest ru
 draws three panels against the global step:
 
     reward      reward/mean, reward/accuracy            (rollout and gspo stages: the sampled training groups)
-    held-out    eval/accuracy (+ eval/sampled/accuracy)  (greedy, at the start, every eval.every_steps, stage ends)
+    held-out    eval/accuracy (+ eval/sampled/accuracy)  (greedy, and avg@k over sampled answers; at the start,
+                                                        every eval.every_steps, stage ends)
     losses      train/loss, train/loss/*, train/*loss*  (sft LM loss, mpo DPO/BCO/LM terms, gspo policy loss)
 
 Stage boundaries come from the driver's ``perf/stage_<name>_s`` metric, logged once at the global step where
@@ -75,7 +76,7 @@ def make_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = N
     running = _running_stage(run.data.params, boundaries, history)
     panels = {
         "Training reward (sampled groups)": [k for k in REWARD_KEYS if history.get(k)],
-        "Held-out accuracy (greedy)": [k for k in EVAL_KEYS if history.get(k)],
+        "Held-out accuracy (greedy; sampled = avg@k)": [k for k in EVAL_KEYS if history.get(k)],
         "Losses": _loss_keys(history),
     }
     out = Path(output) if output else run_dir / "report.png"
@@ -151,7 +152,8 @@ def _draw(out: Path, title: str, panels: dict[str, list[str]], history: dict[str
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, sharex=True)
     last_step = max((s for v in history.values() for s, _ in v), default=1)
-    ylabels = {"Training reward (sampled groups)": "reward / accuracy", "Held-out accuracy (greedy)": "accuracy",
+    ylabels = {"Training reward (sampled groups)": "reward / accuracy",
+               "Held-out accuracy (greedy; sampled = avg@k)": "accuracy",
                "Losses": "loss"}
     for ax, (panel, keys) in zip(axes, panels.items(), strict=True):
         _draw_stages(ax, boundaries, running, last_step)

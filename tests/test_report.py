@@ -69,7 +69,7 @@ def test_report_draws_reward_eval_losses_and_stage_boundaries(store: tuple[Path,
     assert report.run_id == run_id and report.run_name == "tiny_cascade"
     assert report.panels == {
         "Training reward (sampled groups)": ["reward/mean", "reward/accuracy"],
-        "Held-out accuracy (greedy)": ["eval/accuracy"],
+        "Held-out accuracy (greedy; sampled = avg@k)": ["eval/accuracy"],
         "Losses": ["train/loss", "train/loss/bco_pair", "train/loss/sft", "train/loss/sigmoid"],  # total first
     }
     assert report.boundaries == [(10, "sft"), (13, "rollout"), (20, "mpo"), (30, "gspo")]

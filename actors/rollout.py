@@ -443,7 +443,8 @@ class RolloutWorker:
                        finish_reason=s.finish_reason, num_prompt_tokens=len(s.prompt_token_ids),
                        prompt_token_ids=s.prompt_token_ids, policy_version=self._version)
             for i, samples in enumerate(per_prompt) for j, s in enumerate(samples)]
-        bad = [g for g in generations if len(g.logprobs) != len(g.token_ids)]
+        bad = [g for g in generations if (g.logprobs or self.spec.behaviour_logprobs)
+               and len(g.logprobs) != len(g.token_ids)]  # none at all with behaviour_logprobs=False (vLLM)
         assert not bad, f"backend returned {len(bad)} generations whose logprobs and token ids differ in length"
         return GenerateResult(
             generations=generations, num_output_tokens=sum(len(g.token_ids) for g in generations),

@@ -14,7 +14,9 @@ token ids (the worker's chat-template rendering of the prompts), temperature 1, 
   ``worker / plain_worker_params`` is the cost of the worker's own Python (rendering, records) alone;
 - ``plain_worker_params_no_detok``: the same with ``detokenize=False`` (is the text the cost?);
 - ``worker``: ``RolloutWorker.generate(chat messages, n)``: chat template + tokenisation, per-prompt seeds,
-  ``logprobs=0`` (the sampled token's log-prob), ``Generation`` records.
+  ``logprobs=0`` (the sampled token's log-prob), ``Generation`` records;
+- ``worker_no_logprobs``: the worker as run with ``rollout.behaviour_logprobs=false`` (GSPO then takes π_old from
+  the learner), the setting the production recipes use.
 ``--paths`` picks a subset (``plain`` and ``worker`` always run). On an H100 with vLLM 0.26 (Qwen3-0.6B shape,
 256 x 512 tokens) ``logprobs=0`` alone halves plain throughput, so the worker, which asks for behaviour
 log-probs, reaches about 0.5-0.6x of plain ``generate`` (``bench/results/rollout_cuda.json``).
@@ -152,16 +154,26 @@ def run_plain(llm: Any, token_prompts: list[list[int]], params: Any) -> tuple[in
     return sum(len(c.token_ids) for o in outs for c in o.outputs), dt
 
 
-def run_worker(worker: Any, prompts: list, n: int) -> tuple[int, float]:
-    t0 = time.perf_counter()
-    out = worker.generate(prompts, n)
-    dt = time.perf_counter() - t0
-    assert all(len(g.logprobs) == len(g.token_ids) for g in out.generations)
+def run_worker(worker: Any, prompts: list, n: int, logprobs: bool = True) -> tuple[int, float]:
+    """``RolloutWorker.generate``; ``logprobs=False`` as with ``rollout.behaviour_logprobs=false``."""
+    import dataclasses
+
+    spec = worker.spec  # the worker and its engine share one spec
+    worker.spec = worker.engine.spec = dataclasses.replace(spec, behaviour_logprobs=logprobs)
+    try:
+        t0 = time.perf_counter()
+        out = worker.generate(prompts, n)
+        dt = time.perf_counter() - t0
+    finally:
+        worker.spec = worker.engine.spec = spec
+    assert all(len(g.logprobs) == (len(g.token_ids) if logprobs else 0) for g in out.generations)
     return out.num_output_tokens, dt
 
 
-PATHS = ("plain", "plain_seeded", "plain_logprobs", "plain_worker_params", "plain_worker_params_no_detok", "worker")
-DEFAULT_PATHS = "plain,plain_seeded,plain_logprobs,plain_worker_params,plain_worker_params_no_detok,worker"
+PATHS = ("plain", "plain_seeded", "plain_logprobs", "plain_worker_params", "plain_worker_params_no_detok",
+         "worker_no_logprobs", "worker")
+DEFAULT_PATHS = ("plain,plain_seeded,plain_logprobs,plain_worker_params,plain_worker_params_no_detok,"
+                 "worker_no_logprobs,worker")
 
 
 def bench_layout(worker: Any, prompts: list, n: int, tokens: int, rounds: int,
@@ -183,6 +195,7 @@ def bench_layout(worker: Any, prompts: list, n: int, tokens: int, rounds: int,
             worker.engine._params(n, False, s(r)) for s in seeds]),
         "plain_worker_params_no_detok": lambda r: run_plain(llm, token_prompts, [
             worker.engine._params(n, False, s(r), detokenize=False) for s in seeds]),
+        "worker_no_logprobs": lambda r: run_worker(worker, prompts, n, logprobs=False),
         "worker": lambda r: run_worker(worker, prompts, n),
     }
     rounds_out: dict[str, list[tuple[int, float]]] = {k: [] for k in paths}

@@ -24,6 +24,7 @@ Two paths, chosen by ``RolloutGroup.sync_from``:
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterable, Iterator
@@ -150,9 +151,24 @@ def init_nccl_group(master_addr: str, master_port: int, rank: int, world_size: i
     return pg, PyNcclCommunicator(pg, device=device)
 
 
+class _NoWeightlessLayerWarning(logging.Filter):
+    """vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" on every sync: that layer has no
+    checkpoint tensor and keeps its cache unchanged (log-probs match after a sync), so the line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
+def _quiet_reload_logger() -> None:
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _NoWeightlessLayerWarning) for f in log.filters):
+        log.addFilter(_NoWeightlessLayerWarning())
+
+
 def load_into_vllm_worker(worker: Any, weights: Iterable[tuple[str, Any]]) -> None:
     """Load checkpoint-format weights into a vLLM worker's model, preferring the in-place ``reload_weights``
     (vLLM >= 0.1x: re-runs post-load processing) over the plain ``model.load_weights``."""
+    _quiet_reload_logger()
     if hasattr(worker, "reload_weights"):
         worker.reload_weights(weights_iterator=weights)
     elif hasattr(worker.model_runner, "reload_weights"):

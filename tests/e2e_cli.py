@@ -9,6 +9,7 @@ stage, checkpoints, preference pairs, the MLflow run and its status.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -25,16 +26,25 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny_cascade.yaml"
 RUN_TIMEOUT_S = 900.0
 
-# The tiny cascade cut down for tests: sft 63 steps, rollout 2 chunks of 32 prompts x G=8, mpo ~10-20 steps,
-# gspo 4 steps of 16 prompts x G=8 (2 optimizer steps each); a checkpoint every 2 steps (keep 2 per stage).
-# A 5-step LR warm-up at each stage start makes a schedule wrongly restarted by a resume visible in train/lr.
+# The tiny cascade (sft -> rollout -> mpo -> gspo) cut down for tests: rollout 2 chunks of 32 prompts x G=8,
+# gspo 4 steps of 16 prompts x G=8 (2 optimizer steps each), a checkpoint every 2 steps (keep 2 per stage), short
+# greedy evaluations. A 5-step LR warm-up at each stage start makes a schedule wrongly restarted by a resume
+# visible in train/lr. Everything else (stage LRs, sft and mpo sizes) comes from the recipe.
 NUM_ROLLOUT_PROMPTS, GROUP_SIZE, GSPO_STEPS, GSPO_PROMPTS, WARMUP = 64, 8, 4, 16, 5
-STAGE_LR = {"sft": 2e-3, "mpo": 2e-4, "gspo": 2e-4}  # tiny_cascade.yaml
 SMALL = [f"stages.1.num_prompts={NUM_ROLLOUT_PROMPTS}", f"stages.3.gspo.num_steps={GSPO_STEPS}",
-         f"stages.3.gspo.prompts_per_step={GSPO_PROMPTS}", f"rollout.group_size={GROUP_SIZE}",
-         f"learner.warmup_steps={WARMUP}", "learner.lr_schedule=constant", "eval.num_prompts=16",
-         "eval.every_steps=0", "checkpoint.every_steps=2", "checkpoint.keep_last=2"]
+         f"stages.3.gspo.prompts_per_step={GSPO_PROMPTS}", "stages.3.gspo.num_minibatches=2",
+         f"rollout.group_size={GROUP_SIZE}", f"learner.warmup_steps={WARMUP}", "learner.lr_schedule=constant",
+         "eval.num_prompts=16", "eval.sampled_n=0", "eval.every_steps=0", "checkpoint.every_steps=2",
+         "checkpoint.keep_last=2"]
 EXPECTED_RECORDS = {"rollout": NUM_ROLLOUT_PROMPTS * GROUP_SIZE, "gspo": GSPO_STEPS * GSPO_PROMPTS * GROUP_SIZE}
+
+
+@functools.cache
+def small_recipe() -> Any:
+    """The resolved recipe the tests run (``SMALL`` over tiny_cascade.yaml)."""
+    from cascade_rl.config import load_recipe
+
+    return load_recipe(RECIPE, SMALL)
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -203,8 +213,11 @@ def _last_per_step(run_dir: Path, run_id: str, key: str) -> dict[int, float]:
 def expected_lrs(stage: str, num_steps: int) -> list[float]:
     """train/lr of each step of a stage: linear warm-up over WARMUP optimizer steps, then constant (gspo: the
     mean over its 2 mini-batch updates per step)."""
+    cfg = small_recipe()
+    peak = next(s.lr or cfg.learner.lr for s in cfg.stages if s.name == stage)
+
     def lr_at(k: int) -> float:
-        return STAGE_LR[stage] * min(k + 1, WARMUP) / WARMUP
+        return peak * min(k + 1, WARMUP) / WARMUP
 
     if stage == "gspo":
         return [(lr_at(2 * k) + lr_at(2 * k + 1)) / 2 for k in range(num_steps)]
@@ -224,6 +237,8 @@ def stage_lrs(facts: RunFacts) -> dict[str, list[float]]:
 
 def check_consistent(facts: RunFacts, reference: RunFacts | None = None) -> None:
     """What every finished run must satisfy, alone and against an uninterrupted reference run."""
+    from cascade_rl.stages.rollout import CHUNK_PROMPTS
+
     assert facts.mlflow_runs == [(facts.run_id, "FINISHED")], facts.mlflow_runs
     assert facts.record_run_ids == {facts.run_id}
     assert {"start", "sft", "mpo", "gspo"} <= set(facts.stage_results), facts.stage_results.keys()
@@ -234,9 +249,10 @@ def check_consistent(facts: RunFacts, reference: RunFacts | None = None) -> None
     assert sorted(done) == ["s00-sft", "s01-rollout", "s02-mpo", "s03-gspo"], sorted(done)
     assert all(state["stage_done"] for state in done.values()), done
     assert all(1 <= len(steps) <= 2 for steps in facts.checkpoints.values()), facts.checkpoints  # keep_last=2
-    assert done["s01-rollout"]["stage_step"] == NUM_ROLLOUT_PROMPTS // 32  # chunks of 32 prompts
+    assert done["s01-rollout"]["stage_step"] == -(-NUM_ROLLOUT_PROMPTS // CHUNK_PROMPTS)
     assert done["s03-gspo"]["stage_step"] == GSPO_STEPS
-    mpo_steps = -(-len(facts.pairs) // 16)  # batch_size 16, one epoch
+    mpo = small_recipe().stages[2].mpo
+    mpo_steps = -(-len(facts.pairs) // mpo.batch_size) * mpo.epochs
     assert done["s02-mpo"]["stage_step"] == mpo_steps
     # the MLflow step counter counts every stage step exactly once, however often the run was restarted
     assert done["s03-gspo"]["global_step"] == sum(d["stage_step"] for d in done.values())

@@ -30,12 +30,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e_cli import ROOT, SMALL, check_consistent, read_run, run_cli
+from e2e_cli import GROUP_SIZE, GSPO_PROMPTS, ROOT, SMALL, check_consistent, read_run, run_cli
 
-CHAIN = [  # (fault point, checkpoint the next run must resume from)
+from cascade_rl.stages.rollout import CHUNK_PROMPTS
+
+CHAIN = [  # (fault point, checkpoint the next run must resume from; {sft} = sft's number of steps)
     ("sft:6", "s00-sft/step-000004"),
-    ("sft:done", "s00-sft/step-000063"),
-    ("rollout:1", "s00-sft/step-000063"),
+    ("sft:done", "s00-sft/step-{sft:06d}"),
+    ("rollout:1", "s00-sft/step-{sft:06d}"),
     ("mpo:checkpoint-4", "s02-mpo/step-000002"),
     ("gspo:3", "s03-gspo/step-000002"),
 ]
@@ -75,20 +77,22 @@ def _plant_half_written(run_dir: Path) -> list[Path]:
 @pytest.mark.timeout(3600)
 def test_sigkill_in_every_stage_then_resume(tmp_path: Path, reference_run) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "cli.log"
-    for i, (fault, _) in enumerate(CHAIN):
+    sft_steps = reference_run.final_driver_state["s00-sft"]["stage_step"]
+    chain = [(fault, resume_from.format(sft=sft_steps)) for fault, resume_from in CHAIN]
+    for i, (fault, _) in enumerate(chain):
         _crash_at(run_dir, log, fault)
-        assert _resumed_from(log) == (CHAIN[i - 1][1] if i else "<fresh start>"), fault
+        assert _resumed_from(log) == (chain[i - 1][1] if i else "<fresh start>"), fault
         state = json.loads((run_dir / "run_state.json").read_text())
         if fault == "sft:done":
             assert "sft" not in state["stage_results"]
         if fault == "rollout:1":
-            assert len(read_run(run_dir).records["rollout"]) == 32 * 8  # one chunk logged
+            assert len(read_run(run_dir).records["rollout"]) == CHUNK_PROMPTS * GROUP_SIZE  # one chunk logged
         if fault == "mpo:checkpoint-4":
             half = run_dir / "checkpoints" / "s02-mpo" / "step-000004"
             assert (half / "learner").is_dir() and not (half / "COMPLETE").exists()
     planted = _plant_half_written(run_dir)
     assert run_cli(run_dir, HF, log=log) == 0, _last_run_output(log)[-4000:]
-    assert _resumed_from(log) == CHAIN[-1][1]
+    assert _resumed_from(log) == chain[-1][1]
     assert not any(p.exists() for p in planted[:2])  # the partial folder pruned, the .tmp- file removed
     facts = read_run(run_dir)
     check_consistent(facts, reference_run)
@@ -97,7 +101,7 @@ def test_sigkill_in_every_stage_then_resume(tmp_path: Path, reference_run) -> No
     from cascade_rl.data.rollout_log import read_rollout_table
 
     steps = [read_rollout_table(p.parent, columns=["step"]).column("step").to_pylist() for p in aside]
-    assert len(aside) == 1 and steps == [[2] * 16 * 8]  # step 3's records (index 2), logged after the checkpoint
+    assert len(aside) == 1 and steps == [[2] * GSPO_PROMPTS * GROUP_SIZE]  # step 3's (index 2), after checkpoint 2
 
 
 # ------------------------------------------------------------------------------------------------ fast checks

@@ -24,12 +24,12 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One uninterrupted run of the small tiny cascade (tests/e2e_cli.py), shared by the resume tests."""
-    from e2e_cli import SMALL, read_run, run_cli
+    """One uninterrupted run of the small tiny cascade (tests/e2e_cli.py, HF backend), shared by the resume tests."""
+    from e2e_cli import SMALL_HF, read_run, run_cli
 
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     log = run_dir.parent / "cli.log"
-    rc = run_cli(run_dir, SMALL, log=log)
+    rc = run_cli(run_dir, SMALL_HF, log=log)
     assert rc == 0, log.read_text()[-4000:]
     return read_run(run_dir)
 

@@ -36,6 +36,9 @@ SMALL = [f"stages.1.num_prompts={NUM_ROLLOUT_PROMPTS}", f"stages.3.gspo.num_step
          f"rollout.group_size={GROUP_SIZE}", f"learner.warmup_steps={WARMUP}", "learner.lr_schedule=constant",
          "eval.num_prompts=16", "eval.sampled_n=0", "eval.every_steps=0", "checkpoint.every_steps=2",
          "checkpoint.keep_last=2"]
+# The HF generate backend starts in seconds where vLLM takes half a minute or more on a loaded 2-core machine; record
+# ids, counts, checkpoints and LR schedules do not depend on the engine, so runs that only check the driver use it.
+SMALL_HF = [*SMALL, "rollout.backend=hf"]
 EXPECTED_RECORDS = {"rollout": NUM_ROLLOUT_PROMPTS * GROUP_SIZE, "gspo": GSPO_STEPS * GSPO_PROMPTS * GROUP_SIZE}
 
 

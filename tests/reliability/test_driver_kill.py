@@ -13,8 +13,8 @@ group at that point:
 Before the last resume the test also plants a newer checkpoint folder without COMPLETE and two temporary shard
 files; none may be picked up. The finished run is compared with the uninterrupted ``reference_run``: the same
 record ids, nothing twice, one finished MLflow run, complete checkpoints whose steps add up.
-The chain uses the ``hf`` rollout backend (faster to start five times than vLLM; the driver logic under test does
-not depend on the engine, and tests/stages/test_resume.py covers a vLLM resume).
+The chain uses the ``hf`` rollout backend (six starts of vLLM would cost minutes; the driver logic under test does
+not depend on the engine, and tests/stages/test_resume.py resumes a vLLM run).
 
 The fast tests below check the same rules without Ray: incomplete checkpoints and temporary shards are never read,
 the hook kills only at its point, and the RNG state a checkpoint saves is restored.
@@ -30,8 +30,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e_cli import GROUP_SIZE, GSPO_PROMPTS, ROOT, SMALL, check_consistent, read_run, run_cli
+from e2e_cli import GROUP_SIZE, GSPO_PROMPTS, ROOT, SMALL_HF, check_consistent, read_run, run_cli
 
+from cascade_rl.data.rollout_log import read_rollout_table
 from cascade_rl.stages.rollout import CHUNK_PROMPTS
 
 CHAIN = [  # (fault point, checkpoint the next run must resume from; {sft} = sft's number of steps)
@@ -41,7 +42,7 @@ CHAIN = [  # (fault point, checkpoint the next run must resume from; {sft} = sft
     ("mpo:checkpoint-4", "s02-mpo/step-000002"),
     ("gspo:3", "s03-gspo/step-000002"),
 ]
-HF = [*SMALL, "rollout.backend=hf", "resume=auto"]
+HF = [*SMALL_HF, "resume=auto"]
 
 
 def _last_run_output(log: Path) -> str:
@@ -98,8 +99,6 @@ def test_sigkill_in_every_stage_then_resume(tmp_path: Path, reference_run) -> No
     check_consistent(facts, reference_run)
     assert set(facts.stage_results) >= {"start", "sft", "mpo", "gspo"}
     aside = list((run_dir / "rollouts" / "gspo.superseded").rglob("shard-*.parquet"))
-    from cascade_rl.data.rollout_log import read_rollout_table
-
     steps = [read_rollout_table(p.parent, columns=["step"]).column("step").to_pylist() for p in aside]
     assert len(aside) == 1 and steps == [[2] * GSPO_PROMPTS * GROUP_SIZE]  # step 3's (index 2), after checkpoint 2
 

@@ -5,7 +5,8 @@ own session. Once the GSPO stage has a complete checkpoint at step ≥ 1, the te
 (driver, Ray, actors, vLLM engine) and starts the same command with ``resume=auto``. Compared with an uninterrupted
 run of the same recipe (the session's ``reference_run``): the same record ids per stage in the rollout logs (none
 lost, none twice), one MLflow run with the same id, finished, and checkpoints that are complete and agree with the
-steps each stage ran.
+steps each stage ran. The reference run uses the HF backend (quicker to start): record ids, counts, checkpoints and
+LR schedules do not depend on the engine; this test's own run keeps the recipe's vLLM.
 """
 
 from __future__ import annotations

@@ -366,16 +366,21 @@ class RolloutGroup:
         call resubmitted, at most ``max_restarts`` times."""
         return gather_with_restarts(refs, resubmit, self.restart_worker, self.max_restarts, "rollout workers")
 
-    def generate(self, prompts: list[PromptInput], n: int, greedy: bool = False) -> GenerateResult:
-        """``n`` responses per prompt over all workers; seeds depend on the global prompt index, not the split."""
-        return self.submit(prompts, n, greedy)()
+    def generate(self, prompts: list[PromptInput], n: int, greedy: bool = False,
+                 key: int | None = None) -> GenerateResult:
+        """``n`` responses per prompt over all workers; seeds depend on the global prompt index, not the split,
+        and on ``key`` (the driver passes one per stage step, so a resumed run samples what an uninterrupted run
+        would; without it, a per-group call counter)."""
+        return self.submit(prompts, n, greedy, key)()
 
-    def submit(self, prompts: list[PromptInput], n: int, greedy: bool = False) -> Callable[[], GenerateResult]:
+    def submit(self, prompts: list[PromptInput], n: int, greedy: bool = False,
+               key: int | None = None) -> Callable[[], GenerateResult]:
         """Start ``generate`` and return a function that waits for its result, so the driver can train while
         the next batch generates (calls to a worker run in order: a later sync waits for this generation)."""
         t0 = time.perf_counter()
         prompts = [as_prompt_input(p) for p in prompts]  # ship messages and images only
-        seeds = [self.spec.seed * 1_000_003 + self._calls * 65_537 + i for i in range(len(prompts))]
+        salt = self._calls if key is None else key
+        seeds = [(self.spec.seed * 1_000_003 + salt * 65_537 + i) % 2**63 for i in range(len(prompts))]
         self._calls += 1
         slices = split_evenly(len(prompts), len(self.workers))
 

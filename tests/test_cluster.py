@@ -355,6 +355,6 @@ def test_submit_tiny_recipe_end_to_end(ray_head: Head, tmp_path: Path) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["name"] == "tiny_cascade" and run.data.params["stages.3.gspo.num_steps"] == "2"
     accuracy = client.get_metric_history(run.info.run_id, "eval/accuracy")
-    assert len(accuracy) >= 5  # the start and the end of each of the four stages
+    assert len(accuracy) >= 4  # the start and the end of sft, mpo, gspo (a rollout stage leaves the policy as is)
     report = make_report(run_dir, tmp_path / "report.png")
     assert [name for _, name in report.boundaries] == ["sft", "rollout", "mpo", "gspo"]

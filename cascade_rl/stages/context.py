@@ -27,6 +27,9 @@ from .state import COMPLETE, DriverState, RunState, checkpoint_dir, finish_check
 FAULT_ENV = "CASCADE_RL_FAULT_AT"
 
 
+EVAL_KEY = 0  # stage keys start at 1 (sample_key)
+
+
 @dataclass
 class RunContext:
     cfg: RecipeConfig
@@ -92,6 +95,10 @@ class RunContext:
             self.tracker.log_metrics({"reward/worker_restarts": float(restarts)}, self.state.global_step)
         return results
 
+    def sample_key(self, step: int) -> int:
+        """The sampling key of one step of the current stage: a resumed run draws the same samples."""
+        return 1 + self.state.stage_index * 10_000_000 + step
+
     def sync_weights(self) -> float:
         """Push the learner's weights to the rollout workers, tagged with the next policy version."""
         self.state.policy_version += 1
@@ -131,7 +138,8 @@ class RunContext:
         results = self.score(prompts, out.generations)
         metrics = _eval_metrics("eval", out.generations, results)
         if ev.sampled_n > 0:
-            sampled = self.rollout.generate(prompts, ev.sampled_n)
+            # one fixed key: every evaluation draws with the same random numbers, so stages compare fairly
+            sampled = self.rollout.generate(prompts, ev.sampled_n, key=EVAL_KEY)
             metrics.update(_eval_metrics("eval/sampled", sampled.generations, self.score(prompts, sampled.generations)))
         metrics["perf/eval_s"] = time.perf_counter() - t0
         self.log(metrics)

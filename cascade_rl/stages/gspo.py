@@ -34,10 +34,11 @@ def run_gspo(ctx: RunContext, stage: StageConfig, index: int) -> None:
     for step in range(ctx.state.stage_step, g.num_steps):
         t_step = time.perf_counter()
         batch_prompts = _prompts_for_step(prompts, step, g.prompts_per_step, ctx.cfg.seed)
-        out = (pending or ctx.rollout.submit(batch_prompts, G))()                      # generate
+        out = (pending or ctx.rollout.submit(batch_prompts, G, key=ctx.sample_key(step)))()  # generate
         pending = None
         if g.overlap and step + 1 < g.num_steps:
-            pending = ctx.rollout.submit(_prompts_for_step(prompts, step + 1, g.prompts_per_step, ctx.cfg.seed), G)
+            pending = ctx.rollout.submit(_prompts_for_step(prompts, step + 1, g.prompts_per_step, ctx.cfg.seed), G,
+                                         key=ctx.sample_key(step + 1))
         t0 = time.perf_counter()
         results = ctx.score(batch_prompts, out.generations)                            # score
         score_s = time.perf_counter() - t0

@@ -55,7 +55,7 @@ def run_rollout(ctx: RunContext, stage: StageConfig) -> None:
             ctx.state.global_step += 1
             bar.update(1)
             continue
-        out = ctx.rollout.generate(chunk, ctx.cfg.rollout.group_size)
+        out = ctx.rollout.generate(chunk, ctx.cfg.rollout.group_size, key=ctx.sample_key(step))
         t0 = time.perf_counter()
         results = ctx.score(chunk, out.generations)
         score_s = time.perf_counter() - t0

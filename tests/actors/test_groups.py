@@ -75,6 +75,9 @@ def test_vllm_group_generates_g_samples_per_prompt(vllm_rollout: RolloutGroup, g
     assert greedy[0].token_ids == greedy[1].token_ids and greedy[2].token_ids == greedy[3].token_ids
     vllm_rollout.sleep()  # CPU: a logged no-op (vLLM sleep mode needs a GPU)
     vllm_rollout.wake_up()
+    # a sampling key fixes the draw whatever happened before (what a resumed run relies on); another key differs
+    ids = [[tuple(g.token_ids) for g in vllm_rollout.generate(prompts[:2], G, key=k).generations] for k in (7, 7, 8)]
+    assert ids[0] == ids[1] and ids[0] != ids[2]
 
 
 @pytest.mark.slow

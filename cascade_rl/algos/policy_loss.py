@@ -127,6 +127,16 @@ def _denominator(count: Count, local_count: Tensor, dtype: torch.dtype) -> Tenso
     return float(count)
 
 
+def _sequence_log_ratio(logprobs: Tensor, old_logprobs: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
+    """Token log-ratios (B, T), the clamped mean log-ratio per sequence (B,) — log s_i of GSPO — the sequences
+    with at least one response token (B,), and their lengths clamped to >= 1 (B,)."""
+    lengths = valid.sum(dim=1)  # (B,)
+    safe_len = lengths.clamp(min=1).to(logprobs.dtype)  # (B,)
+    token_lr = _token_log_ratio(logprobs, old_logprobs, valid)  # (B, T)
+    seq_lr = (token_lr.sum(dim=1) / safe_len).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B,)
+    return token_lr, seq_lr, lengths > 0, safe_len
+
+
 def compute_gspo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -143,11 +153,7 @@ def compute_gspo_loss(
     logprobs, old_logprobs, advantages, valid = _prepare(
         logprobs, old_logprobs, advantages, mask, clip_low, clip_high
     )
-    lengths = valid.sum(dim=1)  # (B,)
-    seq_valid = lengths > 0  # (B,)
-    safe_len = lengths.clamp(min=1).to(logprobs.dtype)  # (B,)
-    token_lr = _token_log_ratio(logprobs, old_logprobs, valid)  # (B, T)
-    seq_lr = (token_lr.sum(dim=1) / safe_len).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B,)
+    token_lr, seq_lr, seq_valid, safe_len = _sequence_log_ratio(logprobs, old_logprobs, valid)
     ratio = torch.exp(seq_lr)  # (B,)
     if advantages.dim() == 2:
         advantages = torch.where(valid, advantages, 0.0).sum(dim=1) / safe_len  # (B,)
@@ -177,11 +183,7 @@ def compute_gspo_token_loss(
     logprobs, old_logprobs, advantages, valid = _prepare(
         logprobs, old_logprobs, advantages, mask, clip_low, clip_high
     )
-    lengths = valid.sum(dim=1)  # (B,)
-    seq_valid = lengths > 0  # (B,)
-    safe_len = lengths.clamp(min=1).to(logprobs.dtype)  # (B,)
-    token_lr = _token_log_ratio(logprobs, old_logprobs, valid)  # (B, T)
-    seq_lr = (token_lr.sum(dim=1) / safe_len).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B,)
+    token_lr, seq_lr, seq_valid, safe_len = _sequence_log_ratio(logprobs, old_logprobs, valid)
     seq_ratio = torch.exp(seq_lr).detach()  # (B,) sg[s_i]
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     lp = torch.where(valid, logprobs, zero)  # (B, T) keep padded garbage out of the graph

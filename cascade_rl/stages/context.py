@@ -127,6 +127,17 @@ class RunContext:
         every = self.cfg.checkpoint.every_steps
         return every > 0 and self.state.stage_step % every == 0
 
+    def end_train_step(self, stage: StageConfig, step: int, total: int, metrics: dict[str, float], train_s: float,
+                       bar: Any) -> None:
+        """After one optimizer step of an offline stage (sft, mpo): count it, log it, show it, checkpoint."""
+        self.state.stage_step = step + 1
+        self.state.global_step += 1
+        self.log({**{f"train/{k}": v for k, v in metrics.items()}, "perf/train_s": train_s})
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+        if self.should_checkpoint() and self.state.stage_step < total:
+            self.checkpoint(stage)
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, tag: str) -> dict[str, float]:

@@ -65,11 +65,5 @@ def run_mpo(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder) -> No
         t0 = time.perf_counter()
         metrics = ctx.learners.train_mpo(pair_batch([pairs[i] for i in idx]), terms=terms, beta=mpo.beta,
                                          num_global_pairs=len(idx))
-        ctx.state.stage_step = step + 1
-        ctx.state.global_step += 1
-        ctx.log({**{f"train/{k}": v for k, v in metrics.items()}, "perf/train_s": time.perf_counter() - t0})
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
-        if ctx.should_checkpoint() and ctx.state.stage_step < total:
-            ctx.checkpoint(stage)
+        ctx.end_train_step(stage, step, total, metrics, time.perf_counter() - t0, bar)
     bar.close()

@@ -21,11 +21,5 @@ def run_sft(ctx: RunContext, stage: StageConfig, enc: Encoder) -> None:
         batch = sft_batch([items[i] for i in idx], enc)
         t0 = time.perf_counter()
         metrics = ctx.learners.train_sft(batch, num_global_tokens=sum(len(r) for r in batch.response_token_ids))
-        ctx.state.stage_step = step + 1
-        ctx.state.global_step += 1
-        ctx.log({**{f"train/{k}": v for k, v in metrics.items()}, "perf/train_s": time.perf_counter() - t0})
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
-        if ctx.should_checkpoint() and ctx.state.stage_step < total:
-            ctx.checkpoint(stage)
+        ctx.end_train_step(stage, step, total, metrics, time.perf_counter() - t0, bar)
     bar.close()

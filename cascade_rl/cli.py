@@ -18,15 +18,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .stages.driver import run
 
     cfg = load_recipe(args.recipe, args.overrides)
-    problems = check_resources(cfg)
+    problems = check_resources(cfg, read_prompt_rows=False)  # the driver reads and checks every row itself
     if problems:
         raise ConfigError(f"{args.recipe}: " + "; ".join(problems))
     run(cfg, recipe_path=args.recipe)
     return 0
 
 
-def check_resources(cfg: RecipeConfig) -> list[str]:
-    """What ``validate`` checks beyond the recipe itself: datasets, rewards, model config."""
+def check_resources(cfg: RecipeConfig, *, read_prompt_rows: bool = True) -> list[str]:
+    """What ``validate`` checks beyond the recipe itself: datasets (with ``read_prompt_rows``, every row of a local
+    prompt file), rewards, model config."""
     from .data.prompts import load_prompts, resolve_data_path
     from .data.tiny_models import resolve_model_path
     from .rewards import get_reward
@@ -38,7 +39,7 @@ def check_resources(cfg: RecipeConfig) -> list[str]:
         spec = getattr(d, key)
         try:
             path = resolve_data_path(spec, Path(cfg.run_dir) / "data", check_only=True)
-            if not spec.startswith("synthetic:"):  # a user's file: read every row now, not mid-run
+            if read_prompt_rows and not spec.startswith("synthetic:"):  # a user's file: every row, now
                 load_prompts(path, id_key=d.id_key, prompt_key=d.prompt_key, answer_key=d.answer_key,
                              image_key=d.image_key, system_prompt=d.system_prompt)
         except (FileNotFoundError, ValueError) as exc:  # PromptDataError is a ValueError

@@ -87,10 +87,11 @@ def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[fl
             sums[k] = sums.get(k, 0.0) + float(v) / len(parts)
     perf = {"step_s": "perf/learner_step_s", "peak_mem_gib": "perf/learner_peak_mem_gib"}
     out = {perf.get(k, f"train/{k}"): v for k, v in sums.items()}
-    # engine vs learner on the same tokens: near 0 when weight sync works; growing = a stale or partial sync
-    gaps = [abs(b - o) for i, old in zip(keep, batch.old_logprobs, strict=True) if gens[i].logprobs
-            for b, o in zip(gens[i].logprobs, old, strict=True)]
-    if gaps:  # absent with rollout.behaviour_logprobs=false
+    # engine vs learner on the same tokens: near 0 when weight sync works; growing = a stale or partial sync.
+    # Absent with rollout.behaviour_logprobs=false, and with overlap (π_old is then the engine's own log-probs).
+    gaps = [] if g.overlap else [abs(b - o) for i, old in zip(keep, batch.old_logprobs, strict=True)
+                                 if gens[i].logprobs for b, o in zip(gens[i].logprobs, old, strict=True)]
+    if gaps:
         out["rollout/behaviour_logprob_gap"] = sum(gaps) / len(gaps)
     return out
 

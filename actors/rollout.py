@@ -308,10 +308,11 @@ class VLLMBackend:
     def _params(self, n: int, greedy: bool, seed: int | None, **extra: Any) -> Any:
         from vllm import SamplingParams
 
+        logprobs = 0 if self.spec.behaviour_logprobs else None  # 0: only the sampled token's log-prob
         return SamplingParams(
             n=n, temperature=0.0 if greedy else self.spec.temperature, top_p=1.0 if greedy else self.spec.top_p,
-            max_tokens=self.spec.max_response_tokens, logprobs=0 if self.spec.behaviour_logprobs else None, seed=seed, ignore_eos=self.spec.ignore_eos,
-            skip_special_tokens=True, logit_bias=self.logit_bias, **extra)
+            max_tokens=self.spec.max_response_tokens, logprobs=logprobs, flat_logprobs=True, seed=seed,
+            ignore_eos=self.spec.ignore_eos, skip_special_tokens=True, logit_bias=self.logit_bias, **extra)
 
     def _run(self, inputs: list[Any], params: Any) -> list[Any]:
         try:
@@ -334,7 +335,7 @@ class VLLMBackend:
             samples = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
-                lps = [c.logprobs[t][tok].logprob for t, tok in enumerate(ids)] if c.logprobs else []
+                lps = sampled_logprobs(c.logprobs, ids) if c.logprobs else []
                 samples.append(RawSample(token_ids=ids, logprobs=lps, finish_reason=str(c.finish_reason),
                                          prompt_token_ids=list(out.prompt_token_ids), text=c.text))
             result.append([copy.deepcopy(samples[0]) for _ in range(n)] if greedy else samples)
@@ -384,6 +385,18 @@ class VLLMBackend:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
         del self.llm
+
+
+def sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
+    """Each sampled token's log-prob from vLLM's per-position logprobs (``logprobs=0``).
+
+    ``flat_logprobs=True`` returns a ``FlatLogprobs`` whose ``logprobs`` list holds exactly one entry per position
+    (the sampled token) and is read as is: building a ``{token: Logprob}`` dict per token is what costs vLLM time
+    per decode step. Any other container is read position by position."""
+    flat, flat_ids = getattr(logprobs, "logprobs", None), getattr(logprobs, "token_ids", None)
+    if isinstance(flat, list) and flat_ids == token_ids:
+        return list(flat)
+    return [logprobs[t][tok].logprob for t, tok in enumerate(token_ids)]
 
 
 def _load_processor(path: str, tokenizer: Any) -> Any:

@@ -10,6 +10,7 @@ token ids (the worker's chat-template rendering of the prompts), temperature 1, 
   a user of vLLM would write; the headline baseline;
 - ``plain_seeded``: the same with one ``seed`` per prompt (vLLM then samples with a generator per request);
 - ``plain_logprobs``: the plain call with ``logprobs=0`` (each sampled token's log-prob), no seeds;
+- ``plain_flat_logprobs``: the same with ``flat_logprobs=True`` (vLLM keeps them as flat lists, as the worker asks);
 - ``plain_worker_params``: exactly the worker's per-prompt ``SamplingParams`` (seed, ``logprobs=0``, ...), so
   ``worker / plain_worker_params`` is the cost of the worker's own Python (rendering, records) alone;
 - ``plain_worker_params_no_detok``: the same with ``detokenize=False`` (is the text the cost?);
@@ -170,10 +171,10 @@ def run_worker(worker: Any, prompts: list, n: int, logprobs: bool = True) -> tup
     return out.num_output_tokens, dt
 
 
-PATHS = ("plain", "plain_seeded", "plain_logprobs", "plain_worker_params", "plain_worker_params_no_detok",
-         "worker_no_logprobs", "worker")
-DEFAULT_PATHS = ("plain,plain_seeded,plain_logprobs,plain_worker_params,plain_worker_params_no_detok,"
-                 "worker_no_logprobs,worker")
+PATHS = ("plain", "plain_seeded", "plain_logprobs", "plain_flat_logprobs", "plain_worker_params",
+         "plain_worker_params_no_detok", "worker_no_logprobs", "worker")
+DEFAULT_PATHS = ("plain,plain_seeded,plain_logprobs,plain_flat_logprobs,plain_worker_params,"
+                 "plain_worker_params_no_detok,worker_no_logprobs,worker")
 
 
 def bench_layout(worker: Any, prompts: list, n: int, tokens: int, rounds: int,
@@ -190,6 +191,8 @@ def bench_layout(worker: Any, prompts: list, n: int, tokens: int, rounds: int,
         "plain_seeded": lambda r: run_plain(llm, token_prompts, plain_params(n, tokens, [s(r) for s in seeds])),
         "plain_logprobs": lambda r: run_plain(llm, token_prompts, SamplingParams(
             n=n, temperature=1.0, max_tokens=tokens, ignore_eos=True, logprobs=0)),
+        "plain_flat_logprobs": lambda r: run_plain(llm, token_prompts, SamplingParams(
+            n=n, temperature=1.0, max_tokens=tokens, ignore_eos=True, logprobs=0, flat_logprobs=True)),
         # the worker's own SamplingParams (private helper, so the comparison can't drift from the worker)
         "plain_worker_params": lambda r: run_plain(llm, token_prompts, [
             worker.engine._params(n, False, s(r)) for s in seeds]),

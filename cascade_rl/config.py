@@ -62,7 +62,7 @@ class RolloutConfig:
     enforce_eager: bool = doc(True, "disable CUDA graphs / compilation (faster start, slower generation)")
     sleep_when_idle: bool = doc(False, "put vLLM to sleep while learners train (colocated GPUs)")
     behaviour_logprobs: bool = doc(True, "vLLM returns each sampled token's log-prob (logged in rollout records; "
-                                         "needed by gspo.overlap); off roughly doubles vLLM 0.26's GPU throughput")
+                                         "needed by gspo.overlap); on costs vLLM 0.26 a third of its GPU throughput")
     placement: Literal["split", "colocated"] = doc(
         "split", "split: learners and rollout workers on separate GPUs; colocated: learner rank i and rollout "
         "worker i share GPU i (set fractional num_gpus_per_rank/num_gpus_per_worker and sleep_when_idle)")

@@ -8,7 +8,9 @@ Placement (``make_placement``)
     learner rank, ``{"GPU": g, "CPU": 1}`` per rollout worker); weight sync goes over NCCL.
     ``colocated``: one placement group of ``{"GPU": 1, "CPU": k}`` bundles; learner rank i and rollout worker i
     share bundle i with fractional GPUs (``num_gpus_per_rank + num_gpus_per_worker <= 1``; vLLM's share is set by
-    ``rollout.gpu_memory_utilization``). NCCL refuses two ranks on one GPU, so colocated sync uses the object store.
+    ``rollout.gpu_memory_utilization``). NCCL refuses two ranks on one GPU, so colocated sync hands each vLLM
+    worker CUDA IPC handles of its own learner rank's weights (``weight_sync.py``); where a worker has no learner
+    rank on its GPU (more workers than ranks, tensor parallelism) it falls back to the object store.
     CPU-only (all GPU counts 0): learner bundles hold a token ``{"CPU": 0.01}`` and rollout/reward actors ask for
     0 CPUs, so every actor fits a local ``ray.init(num_cpus=2)``; they share the real cores (Ray sets
     ``OMP_NUM_THREADS=1`` in each), which is what a laptop run wants.
@@ -31,6 +33,7 @@ Learner metrics
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +57,8 @@ from .learner import LearnerSpec  # noqa: F401  (re-exported: the driver builds 
 from .reward import RewardSpec, RewardTermSpec, RewardWorker
 from .rollout import GenerateResult, PromptInput, RolloutSpec, RolloutWorker, as_prompt_input
 from .weight_sync import DEFAULT_BUCKET_MB, WeightSender, find_free_port, node_ip
+
+logger = logging.getLogger(__name__)
 
 CPU_TOKEN = 0.01  # CPUs a learner asks for on CPU-only runs (a placement-group bundle can't be all zeros)
 PLACEMENT_TIMEOUT_S = 180.0
@@ -354,7 +359,11 @@ class RolloutGroup:
         self._weights_ref: ray.ObjectRef | None = None  # kept so a restarted worker can load the current version
         self._learners: LearnerGroup | None = None
         self._nccl_ready = False
-        self.last_nccl_sync: dict[str, float] = {}  # bytes and per-side seconds of the last NCCL sync
+        self._ipc_pairs: bool | None = None  # colocated: does every worker share its GPU with learner rank i?
+        self.last_sync_path = ""  # "nccl" | "ipc" | "object_store"
+        # bytes and per-side seconds of the last NCCL / IPC sync: learner side ("broadcast_s": pack + send until
+        # the last bucket is taken) and rollout side ("receive_s"; IPC: the final reload step only)
+        self.last_sync_sides: dict[str, float] = {}
         self.max_restarts = max_restarts  # per worker and call
         self.num_restarts = 0
 
@@ -397,11 +406,17 @@ class RolloutGroup:
 
     def sync_from(self, learners: LearnerGroup, version: int, bucket_mb: int = DEFAULT_BUCKET_MB) -> float:
         """Push the learners' current weights to every worker, tagged ``version``; returns seconds.
-        NCCL when learners and vLLM workers sit on different GPUs, else the Ray object store."""
+        NCCL when learners and vLLM workers sit on different GPUs, CUDA IPC when each worker shares its GPU with a
+        learner rank (colocated), else the Ray object store."""
         t0 = time.perf_counter()
         if self._use_nccl(learners):
             self._sync_nccl(learners, version, bucket_mb)
+            self.last_sync_path = "nccl"
+        elif self._use_ipc(learners):
+            self._sync_ipc(learners, version, bucket_mb)
+            self.last_sync_path = "ipc"
         else:
+            self.last_sync_path = "object_store"
             ref = learners.weights_ref(bucket_mb)
             self._weights_ref, self.version = ref, version  # what a worker restarted from now on loads
             self._gather([w.update_weights.remote(ref, version) for w in self.workers],
@@ -412,6 +427,29 @@ class RolloutGroup:
     def _use_nccl(self, learners: LearnerGroup) -> bool:
         return (learners.uses_gpu and self.placement.num_gpus > 0 and not self.placement.shared_gpu
                 and self.spec.backend == "vllm")
+
+    def _use_ipc(self, learners: LearnerGroup) -> bool:
+        if not (learners.uses_gpu and self.placement.shared_gpu and self.spec.backend == "vllm"
+                and len(self.workers) <= len(learners.workers)):
+            return False
+        if self._ipc_pairs is None:  # asked once: the GPUs of actors don't change (a restart keeps the bundle)
+            mine = ray.get([w.gpu_uuid.remote() for w in self.workers])
+            theirs = ray.get([learners.workers[i].gpu_uuid.remote() for i in range(len(self.workers))])
+            self._ipc_pairs = None not in mine and mine == theirs
+            if not self._ipc_pairs:
+                logger.warning("colocated weight sync falls back to the Ray object store: rollout worker GPUs %s "
+                               "are not those of learner ranks 0..%d (%s)", mine, len(mine) - 1, theirs)
+        return self._ipc_pairs
+
+    def _sync_ipc(self, learners: LearnerGroup, version: int, bucket_mb: int) -> None:
+        ray.get([w.begin_shared_load.remote() for w in self.workers])
+        paired = [self.workers[i] if i < len(self.workers) else None for i in range(len(learners.workers))]
+        sent = ray.get([rank.share_weights.remote(w, bucket_mb) for rank, w in zip(learners.workers, paired,
+                                                                                   strict=True)])
+        t0 = time.perf_counter()
+        ray.get([w.end_shared_load.remote(version) for w in self.workers])
+        self.last_sync_sides = {"sync_bytes": sent[0]["sync_bytes"],
+                                "broadcast_s": max(s["sync_s"] for s in sent), "receive_s": time.perf_counter() - t0}
 
     def _sync_nccl(self, learners: LearnerGroup, version: int, bucket_mb: int) -> None:
         if not self._nccl_ready:
@@ -426,8 +464,8 @@ class RolloutGroup:
         out = ray.get([w.broadcast_weights.remote(bucket_mb) for w in learners.workers]
                       + [w.receive_weights.remote(version) for w in self.workers])
         sent, received = out[0], out[len(learners.workers):]  # rank 0's {"sync_bytes", "sync_s"}; seconds each
-        self.last_nccl_sync = {"sync_bytes": sent["sync_bytes"], "broadcast_s": sent["sync_s"],
-                               "receive_s": max(received)}
+        self.last_sync_sides = {"sync_bytes": sent["sync_bytes"], "broadcast_s": sent["sync_s"],
+                                "receive_s": max(received)}
 
     def restart_worker(self, i: int) -> None:
         """Replace worker ``i`` (dead or alive) and bring it to the current policy version."""

@@ -443,13 +443,14 @@ class LearnerWorker:
         dist.barrier()
 
     def named_weights_for_sync(self, bucket_bytes: int = DEFAULT_SYNC_BUCKET_BYTES, *,
-                               device: str | torch.device = "cpu") -> Iterator[list[tuple[str, Tensor]]]:
+                               device: str | torch.device = "cpu",
+                               all_ranks: bool = False) -> Iterator[list[tuple[str, Tensor]]]:
         """Buckets of (checkpoint name, weight) of about ``bucket_bytes`` each, for the rollout engine.
 
         Names are those of the Hugging Face checkpoint (what ``export_hf`` writes and vLLM's ``load_weights``
         maps). Collective under ZeRO-3 (each bucket is gathered on all ranks); only rank 0 yields tensors,
-        other ranks yield empty lists. Under ZeRO 0-2, tensors already on ``device`` alias the live weights:
-        use them before the next ``train_*`` call.
+        other ranks yield empty lists, unless ``all_ranks`` (each rank feeds its own colocated engine). Under
+        ZeRO 0-2, tensors already on ``device`` alias the live weights: use them before the next ``train_*`` call.
         """
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
@@ -459,7 +460,7 @@ class LearnerWorker:
         for bucket in bucket_parameters(list(self.model.named_parameters()), bucket_bytes):
             ctx = GatheredParameters([p for _, p in bucket], modifier_rank=None) if zero3 else contextlib.nullcontext()
             with ctx:
-                if self.rank != 0:
+                if self.rank != 0 and not all_ranks:
                     out: list[tuple[str, Tensor]] = []
                 else:
                     out = [(names[n], p.detach().to(target, copy=zero3)) for n, p in bucket]

@@ -364,6 +364,19 @@ class VLLMBackend:
         self.llm.collective_rpc("cascade_receive_weights")
         self.llm.reset_prefix_cache()
 
+    def gpu_uuid(self) -> str | None:
+        return self.llm.collective_rpc("cascade_gpu_uuid")[0] if self.on_gpu else None
+
+    def begin_shared_load(self) -> None:
+        self.llm.collective_rpc("cascade_begin_shared_load")
+
+    def load_shared_bucket(self, meta: list[Any], payload: bytes) -> None:
+        self.llm.collective_rpc("cascade_load_shared", args=(meta, payload))
+
+    def end_shared_load(self) -> None:
+        self.llm.collective_rpc("cascade_end_shared_load")
+        self.llm.reset_prefix_cache()
+
     def num_sync_ranks(self) -> int:
         return self.llm.llm_engine.vllm_config.parallel_config.world_size
 
@@ -487,17 +500,36 @@ class RolloutWorker:
 
     # NCCL path (GPU, vLLM only): see weight_sync.py. The learner broadcasts; every vLLM worker receives.
     def init_weight_sync(self, master_addr: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        if not isinstance(self.engine, VLLMBackend):
-            raise RolloutEngineError("NCCL weight sync needs rollout.backend=vllm")
-        self.engine.init_weight_sync(master_addr, master_port, rank_offset, world_size)
+        self._vllm("NCCL weight sync").init_weight_sync(master_addr, master_port, rank_offset, world_size)
 
     def receive_weights(self, version: int) -> float:
         t0 = time.perf_counter()
-        if not isinstance(self.engine, VLLMBackend):
-            raise RolloutEngineError("NCCL weight sync needs rollout.backend=vllm")
-        self.engine.receive_weights()
+        self._vllm("NCCL weight sync").receive_weights()
         self._version = version
         return time.perf_counter() - t0
+
+    # CUDA IPC path (GPU, vLLM only, colocated): the learner rank on this GPU calls load_shared_bucket per bucket.
+    def gpu_uuid(self) -> str | None:
+        """The GPU this worker's (single) vLLM process runs on; None on CPU, for the HF backend or with tensor
+        parallelism (CUDA IPC pairs one engine process with one learner rank)."""
+        if not isinstance(self.engine, VLLMBackend) or self.engine.num_sync_ranks() != 1:
+            return None
+        return self.engine.gpu_uuid()
+
+    def begin_shared_load(self) -> None:
+        self._vllm("CUDA IPC weight sync").begin_shared_load()
+
+    def load_shared_bucket(self, meta: list[Any], payload: bytes) -> None:
+        self._vllm("CUDA IPC weight sync").load_shared_bucket(meta, payload)
+
+    def end_shared_load(self, version: int) -> None:
+        self._vllm("CUDA IPC weight sync").end_shared_load()
+        self._version = version
+
+    def _vllm(self, what: str) -> VLLMBackend:
+        if not isinstance(self.engine, VLLMBackend):
+            raise RolloutEngineError(f"{what} needs rollout.backend=vllm")
+        return self.engine
 
     def num_sync_ranks(self) -> int:
         """Processes of this worker that join an NCCL weight-sync group (vLLM's tensor-parallel size)."""

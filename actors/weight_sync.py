@@ -1,9 +1,8 @@
 """Weight sync learner → rollout engines, version-tagged by the caller.
 
-Two paths, chosen by ``RolloutGroup.sync_from``:
+Three paths, chosen by ``RolloutGroup.sync_from``:
 
-- **Object store** (CPU; the HF backend; learner and vLLM sharing one GPU, where NCCL refuses two ranks on one
-  device). Learner rank 0 returns ``(name, tensor)`` pairs (all ranks take part: ZeRO-3 gathers are collective);
+- **Object store** (CPU; the HF backend; any layout the other two don't cover). Learner rank 0 returns ``(name, tensor)`` pairs (all ranks take part: ZeRO-3 gathers are collective);
   the driver passes that one ObjectRef to every rollout worker. A vLLM worker packs the pairs into safetensors
   bytes (plain msgpack bytes, so no ``VLLM_ALLOW_INSECURE_SERIALIZATION`` is needed) and calls
   ``collective_rpc("cascade_load_packed")``; each vLLM worker process loads them with the model runner's
@@ -16,6 +15,13 @@ Two paths, chosen by ``RolloutGroup.sync_from``:
   ``(name, dtype, shape)`` list over the group's TCP store (``broadcast_obj``) and the buffer with an NCCL
   broadcast; ``None`` ends the stream. Receivers unflatten views and feed a lazy iterator to ``reload_weights``,
   so a bucket is freed once loaded and peak extra memory is one bucket.
+- **CUDA IPC** (GPU, colocated: learner rank i and vLLM worker i share GPU i, where NCCL refuses two ranks on one
+  device). Every learner rank paired with a worker flattens each bucket as above and hands its worker a CUDA IPC
+  handle of the buffer (torch's ``reduce_tensor``, pickled with the GPU's UUID, which the receiver checks); the
+  vLLM process maps the same memory (``rebuild_cuda_tensor``), loads views of it between vLLM's
+  ``initialize_layerwise_reload`` / ``finalize_layerwise_reload`` and synchronises before the learner frees the
+  bucket. No bytes leave the GPU; peak extra memory is one bucket. torch's IPC reference counting keeps a
+  buffer alive while the receiver still maps it.
 
 ``WeightSyncExtension`` is mixed into vLLM's worker class (``LLM(worker_extension_cls=EXTENSION_QUALNAME)``);
 ``WeightSender`` is mixed into the learner actor by ``group.py``. GPU code here is exercised only by the
@@ -25,6 +31,7 @@ Two paths, chosen by ``RolloutGroup.sync_from``:
 from __future__ import annotations
 
 import logging
+import pickle
 import socket
 import time
 from collections.abc import Iterable, Iterator
@@ -142,6 +149,44 @@ def unflatten_bucket(meta: BucketMeta, flat: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def gpu_uuid(device: Any) -> str:
+    """The physical GPU's UUID (the same in every process, whatever its ``CUDA_VISIBLE_DEVICES``)."""
+    import torch
+
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+STORAGE_DEVICE_ARG = 6  # position of the device index in the args of torch's reduce_tensor for CUDA tensors
+
+
+def share_bucket(flat: Any) -> bytes:
+    """A CUDA IPC handle of a GPU buffer (torch's ``reduce_tensor``), pickled with its GPU's UUID. The caller keeps
+    ``flat`` alive until the receiver is done with it."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(flat)
+    return pickle.dumps((gpu_uuid(flat.device), args))
+
+
+def open_shared_bucket(payload: bytes, device: Any) -> Any:
+    """The buffer of ``share_bucket``, mapped into this process on ``device``, which must be the same GPU."""
+    import torch
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    uuid, args = pickle.loads(payload)  # from our own learner actor, like every Ray call's arguments
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if gpu_uuid(index) != uuid:
+        raise RuntimeError(f"CUDA IPC weight sync: the learner's buffer is on GPU {uuid}, this vLLM worker on "
+                           f"{gpu_uuid(index)}; colocated placement must put learner rank i and rollout worker i "
+                           "on the same GPU")
+    args = list(args)
+    if not isinstance(args[STORAGE_DEVICE_ARG], int):
+        raise RuntimeError(f"torch {torch.__version__}: unexpected reduce_tensor layout for CUDA tensors")
+    args[STORAGE_DEVICE_ARG] = index  # the sender's index may differ (its own CUDA_VISIBLE_DEVICES)
+    return rebuild_cuda_tensor(*args)
+
+
 def init_nccl_group(master_addr: str, master_port: int, rank: int, world_size: int, device: Any) -> tuple[Any, Any]:
     """(StatelessProcessGroup, PyNcclCommunicator) for the learner↔vLLM sync group; blocks until all ranks join."""
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
@@ -193,6 +238,12 @@ def with_tied_head(weights: Iterable[tuple[str, Any]], tied: bool) -> Iterator[t
         yield embed[0][: -len("model.embed_tokens.weight")] + "lm_head.weight", embed[1]
 
 
+def _model_and_config(worker: Any) -> tuple[Any, Any]:
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    return model, worker.vllm_config.model_config
+
+
 def _tied(worker: Any) -> bool:
     model_config = worker.vllm_config.model_config
     text = getattr(model_config, "hf_text_config", None) or model_config.hf_config
@@ -236,6 +287,29 @@ class WeightSyncExtension:
         torch.cuda.synchronize()
         return count
 
+    def cascade_gpu_uuid(self) -> str:
+        return gpu_uuid(self.device)
+
+    def cascade_begin_shared_load(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        _quiet_reload_logger()
+        initialize_layerwise_reload(_model_and_config(self)[0])
+
+    def cascade_load_shared(self, meta: BucketMeta, payload: bytes) -> int:
+        import torch
+
+        flat = open_shared_bucket(payload, self.device)
+        _model_and_config(self)[0].load_weights(with_tied_head(unflatten_bucket(meta, flat), _tied(self)))
+        torch.cuda.synchronize()  # every copy out of the learner's buffer is done before the learner frees it
+        del flat
+        return len(meta)
+
+    def cascade_end_shared_load(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(*_model_and_config(self))
+
 
 # ------------------------------------------------------------------------------------------------ learner side
 
@@ -258,6 +332,30 @@ class WeightSender:
         tensors aliasing live weights are safe); other ranks take part in the gathers and return None."""
         named = [pair for bucket in self.named_weights_for_sync(bucket_mb << 20, device="cpu") for pair in bucket]
         return named if self.rank == 0 else None
+
+    def gpu_uuid(self) -> str | None:
+        """This rank's GPU (None on CPU): the group pairs it with a colocated rollout worker's."""
+        import torch
+
+        return gpu_uuid(self.device) if torch.device(self.device).type == "cuda" else None
+
+    def share_weights(self, worker: Any | None, bucket_mb: int = DEFAULT_BUCKET_MB) -> dict[str, float]:
+        """CUDA IPC path: every rank iterates its weights (ZeRO-3 gathers are collective); a rank paired with a
+        rollout worker on its GPU flattens each bucket and has the worker load it through a CUDA IPC handle,
+        one bucket at a time. Returns ``{"sync_bytes", "sync_s"}`` (zeros for an unpaired rank)."""
+        import ray
+        import torch
+
+        t0, total = time.perf_counter(), 0
+        for bucket in self.named_weights_for_sync(bucket_mb << 20, device=self.device, all_ranks=True):
+            if worker is None or not bucket:
+                continue
+            meta, flat = flatten_bucket(bucket)
+            ray.get(worker.load_shared_bucket.remote(meta, share_bucket(flat)))
+            total += flat.numel()
+            del flat, bucket
+        torch.cuda.ipc_collect()  # free buffers whose last receiver let go only now
+        return {"sync_bytes": float(total), "sync_s": time.perf_counter() - t0}
 
     def init_weight_sync(self, master_addr: str, master_port: int, world_size: int) -> None:
         """NCCL path, rank 0 only: join the sync group as its rank 0."""

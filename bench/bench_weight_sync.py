@@ -1,6 +1,8 @@
-"""Weight sync learner → vLLM: seconds and GB/s for a Qwen3-0.6B-shaped model's weights, NCCL vs object store.
+"""Weight sync learner → vLLM: seconds and GB/s for a Qwen3-0.6B-shaped model's weights, NCCL / CUDA IPC vs object
+store.
 
     python bench/bench_weight_sync.py --device cuda     # 2 GPUs: learner rank 0 on one, the vLLM worker on the other
+    python bench/bench_weight_sync.py --device cuda --placement colocated   # 1 GPU shared: CUDA IPC
     python bench/bench_weight_sync.py --device cpu      # smoke: tiny LM, object-store path only (< 2 min)
 
 Run from the repo root with the root on ``PYTHONPATH`` (or after ``pip install --no-deps -e .``): Ray workers and
@@ -14,7 +16,11 @@ vLLM's log-probs. Measured in one run:
   one flat buffer and broadcasts it; vLLM reloads in place. The first call includes forming the NCCL group
   (reported apart); the best of ``--repeats`` later calls counts. ``broadcast_s`` is the learner's side (pack,
   broadcast, until the last byte is received), ``receive_s`` the vLLM worker's (receive + in-place reload).
-- ``object_store``: rank 0's weights → Ray object store → ``collective_rpc`` → in-place reload (the CPU path).
+- ``ipc`` (GPU, ``--placement colocated``: learner and vLLM share one GPU, fractional GPUs): ``sync_from`` over
+  CUDA IPC per ``--bucket-mb``: each bucket is flattened on the GPU and vLLM loads it through an IPC handle.
+  ``broadcast_s`` is the learner's side (all buckets loaded), ``receive_s`` vLLM's final reload step.
+- ``object_store``: rank 0's weights → Ray object store → ``collective_rpc`` → in-place reload (the CPU path, and
+  what colocated GPUs used before CUDA IPC).
 Each: seconds, GB/s (weight bytes / seconds of one whole sync), seconds per billion parameters, and the max and
 mean |Δ log-prob| between vLLM and the learner on fixed sequences after the sync. For scale the report also holds
 the same difference at the start (both sides load the same checkpoint: kernel noise, bf16 on GPU) and just
@@ -79,21 +85,24 @@ def summarize(times: list[float], nbytes: int, nparams: int, after: dict[str, fl
 class Bench:
     """The actors, a fixed batch and the policy version; ``step`` trains once, ``check`` compares log-probs."""
 
-    def __init__(self, model: Path, gpu: bool, zero_stage: int) -> None:
-        from cascade_rl.actors.group import LearnerGroup, RolloutGroup
+    def __init__(self, model: Path, gpu: bool, zero_stage: int, placement: str) -> None:
+        from cascade_rl.actors.group import LearnerGroup, RolloutGroup, make_placement
         from cascade_rl.actors.learner import LearnerSpec
         from cascade_rl.actors.rollout import RolloutSpec
 
         from cascade_rl.types import SequenceBatch
 
         self.dtype = "bfloat16" if gpu else "float32"
+        gpus = (0.5 if placement == "colocated" else 1.0) if gpu else 0.0
+        self.placement = make_placement(placement, num_learner_ranks=1, num_gpus_per_rank=gpus,
+                                        num_rollout_workers=1, num_gpus_per_worker=gpus)
         self.learners = LearnerGroup(LearnerSpec(model_path=str(model), dtype=self.dtype, zero_stage=zero_stage,
                                                  lr=1e-3, micro_batch_tokens=4096),
-                                     num_ranks=1, num_gpus_per_rank=1 if gpu else 0)
+                                     num_ranks=1, placement=self.placement.learner)
         self.rollout = RolloutGroup(RolloutSpec(
             model_path=str(model), backend="vllm", dtype=self.dtype, max_response_tokens=32, max_prompt_tokens=96,
-            temperature=1.0, top_p=1.0, seed=0, gpu_memory_utilization=0.5, kv_cache_gib=1, enforce_eager=True),
-            num_workers=1, num_gpus_per_worker=1 if gpu else 0)
+            temperature=1.0, top_p=1.0, seed=0, gpu_memory_utilization=0.3 if placement == "colocated" else 0.5,
+            kv_cache_gib=1, enforce_eager=True), num_workers=1, placement=self.placement.rollout)
         out = self.rollout.generate([([{"role": "user", "content": "What is 3 + 4?"}], [])] * 2, 4)
         gens = out.generations
         self.batch = SequenceBatch([g.prompt_token_ids for g in gens], [g.token_ids for g in gens],
@@ -112,19 +121,22 @@ class Bench:
         return ref, diffs(self.vllm_logprobs(), ref)
 
 
-def bench_nccl(b: Bench, buckets: list[int], repeats: int, nbytes: int, nparams: int) -> dict[str, Any]:
-    results: dict[str, Any] = {"uses_nccl": b.rollout._use_nccl(b.learners)}
-    if not results["uses_nccl"]:
-        raise RuntimeError("RolloutGroup would not use NCCL here (learner and vLLM must sit on different GPUs)")
+def bench_group_sync(b: Bench, path: str, buckets: list[int], repeats: int, nbytes: int,
+                     nparams: int) -> dict[str, Any]:
+    """``RolloutGroup.sync_from`` as the stages call it; ``path`` ("nccl" | "ipc") is the one it must take."""
     ref, stale = b.step()
-    results["first_call_with_group_setup_s"] = round(b.rollout.sync_from(b.learners, b.version, buckets[0]), 3)
+    results: dict[str, Any] = {
+        "first_call_with_group_setup_s": round(b.rollout.sync_from(b.learners, b.version, buckets[0]), 3)}
+    if b.rollout.last_sync_path != path:
+        raise RuntimeError(f"RolloutGroup took the {b.rollout.last_sync_path} path, not {path} (NCCL: learner and "
+                           "vLLM on different GPUs; CUDA IPC: on the same GPU)")
     results["first_call_diff_after"] = diffs(b.vllm_logprobs(), ref)
     for bucket_mb in buckets:
         times, sides = [], []
         for _ in range(repeats):
             ref, stale = b.step()
             times.append(b.rollout.sync_from(b.learners, b.version, bucket_mb=bucket_mb))
-            sides.append(dict(b.rollout.last_nccl_sync))
+            sides.append(dict(b.rollout.last_sync_sides))
         after = diffs(b.vllm_logprobs(), ref)
         best = min(range(repeats), key=lambda i: times[i])
         results[f"bucket_{bucket_mb}mb"] = {
@@ -154,7 +166,9 @@ def main() -> None:
     ap.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="where --shape qwen3-0.6b is built")
     ap.add_argument("--num-layers", type=int, default=None, help="override the layer count (dry runs)")
     ap.add_argument("--zero-stage", type=int, default=2)
-    ap.add_argument("--bucket-mb", default="64,256,1024", help="comma-separated bucket sizes for the NCCL path")
+    ap.add_argument("--placement", choices=["split", "colocated"], default="split",
+                    help="GPU: split (2 GPUs, NCCL) or colocated (1 GPU shared, CUDA IPC)")
+    ap.add_argument("--bucket-mb", default="64,256,1024", help="comma-separated bucket sizes (NCCL / IPC paths)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--object-store-repeats", type=int, default=None, help="default: --repeats")
     ap.add_argument("--out", default=None)
@@ -186,17 +200,19 @@ def main() -> None:
     report: dict[str, Any] = {
         "bench": "weight_sync", **device_info(args.device), "vllm": vllm.__version__, "torch": torch.__version__,
         "shape": shape, "model": Path(model).name, "num_layers": args.num_layers, "zero_stage": args.zero_stage,
+        "placement": args.placement if gpu else "cpu",
         "weight_bytes": nbytes, "params": nparams, "results": {},
         "note": "GB/s = checkpoint weight bytes / seconds of one whole sync (learner gather/pack, transfer, vLLM "
-                "in-place reload), driver-side; NCCL needs learner and vLLM on different GPUs"}
-    dest = Path(args.out or ROOT / "bench" / "results" / f"weight_sync_{args.device}.json")
+                "in-place reload), driver-side; NCCL needs learner and vLLM on different GPUs, CUDA IPC the same"}
+    tag = args.device + ("_colocated" if gpu and args.placement == "colocated" else "")
+    dest = Path(args.out or ROOT / "bench" / "results" / f"weight_sync_{tag}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         dest.write_text(json.dumps(report, indent=2) + "\n")
 
     t0 = time.perf_counter()
-    b = Bench(model, gpu, args.zero_stage)
+    b = Bench(model, gpu, args.zero_stage, args.placement)
     report["actors_start_s"] = round(time.perf_counter() - t0, 1)
     report["dtype"] = b.dtype
     ref = b.learners.compute_logprobs(b.batch)
@@ -204,9 +220,10 @@ def main() -> None:
     save()
     paths = {"object_store": lambda: bench_object_store(b, args.object_store_repeats or args.repeats, nbytes,
                                                         nparams)}
-    if gpu:  # NCCL first: it is the GPU path; the object store is the fallback measured for comparison
+    if gpu:  # the GPU path first; the object store is the fallback measured for comparison
         buckets = [int(x) for x in args.bucket_mb.split(",")]
-        paths = {"nccl": lambda: bench_nccl(b, buckets, args.repeats, nbytes, nparams), **paths}
+        path = "ipc" if args.placement == "colocated" else "nccl"
+        paths = {path: lambda: bench_group_sync(b, path, buckets, args.repeats, nbytes, nparams), **paths}
     for name, run in paths.items():
         try:
             report["results"][name] = run()
@@ -218,6 +235,7 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     b.rollout.shutdown()
     b.learners.shutdown()
+    b.placement.remove()
     ray.shutdown()
 
 

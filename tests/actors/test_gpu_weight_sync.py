@@ -1,13 +1,15 @@
-"""GPU only: NCCL weight sync, learner rank 0 (one GPU) → vLLM worker (another GPU), end to end.
+"""GPU only: weight sync learner → vLLM end to end, over NCCL (learner rank 0 on one GPU, the vLLM worker on
+another: split placement) and over CUDA IPC (both on one GPU: colocated placement).
 
-After ``RolloutGroup.sync_from`` over NCCL, vLLM's log-probs of fixed sequences must equal the learner's within
+After ``RolloutGroup.sync_from``, vLLM's log-probs of fixed sequences must equal the learner's within
 ``TOL_MAX`` per token (and ``TOL_MEAN`` on average). Both sides run bfloat16 with different kernels (vLLM's
 FlashAttention and sampler vs transformers' sdpa and the learner's chunked log-softmax), so equality is up to bf16
 rounding, not bitwise. The check can fail: a training step first moves the learner's log-probs by more than
-``STALE_MIN`` (5 x ``TOL_MAX``), which a stale engine would keep. A second sync reuses the NCCL group formed by
-the first, and sampling after a sync uses the new weights (behaviour log-probs == learner log-probs).
+``STALE_MIN`` (5 x ``TOL_MAX``), which a stale engine would keep. Two syncs (several buckets, then one; the
+second reuses the NCCL group formed by the first), and sampling after a sync uses the new weights (behaviour
+log-probs == learner log-probs).
 
-Needs 2 CUDA GPUs and CUDA vLLM; run with ``pytest -m gpu tests/actors/test_gpu_weight_sync.py``.
+Needs CUDA vLLM, and 2 GPUs for the NCCL test; run with ``pytest -m gpu tests/actors/test_gpu_weight_sync.py``.
 """
 
 from __future__ import annotations
@@ -33,35 +35,63 @@ def _diff(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
     return max(d), sum(d) / len(d)
 
 
-@pytest.fixture(scope="module")
-def gpu_groups(tiny_lm: Path, make_rollout_spec: Any, make_learner_spec: Any) -> Iterator[tuple[Any, Any]]:
-    """A 1-rank bf16 learner on one GPU and a 1-worker vLLM rollout group on another (split placement)."""
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 CUDA GPUs: NCCL refuses two ranks on one device")
+def _start_ray() -> bool:
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("needs vLLM")
     import ray
-    from cascade_rl.actors.group import LearnerGroup, RolloutGroup
 
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False)
-    learners = LearnerGroup(make_learner_spec(tiny_lm, dtype="bfloat16"), num_ranks=1, num_gpus_per_rank=1)
-    rollout = RolloutGroup(make_rollout_spec(tiny_lm, dtype="bfloat16", gpu_memory_utilization=0.3), num_workers=1,
-                           num_gpus_per_worker=1)
-    yield learners, rollout
-    rollout.shutdown()
-    learners.shutdown()
+    return started
+
+
+def _stop(started: bool, *groups: Any) -> None:
+    import ray
+
+    for group in groups:
+        group.shutdown()
     if started:
         ray.shutdown()
 
 
-def test_nccl_sync_makes_vllm_logprobs_equal_the_learners(gpu_groups: tuple[Any, Any], prompts: Any,
-                                                          make_policy_batch: Any) -> None:
+@pytest.fixture
+def split_groups(tiny_lm: Path, make_rollout_spec: Any, make_learner_spec: Any) -> Iterator[tuple[Any, Any]]:
+    """A 1-rank bf16 learner on one GPU and a 1-worker vLLM rollout group on another (split placement)."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs: NCCL refuses two ranks on one device")
+    started = _start_ray()
+    from cascade_rl.actors.group import LearnerGroup, RolloutGroup
+
+    learners = LearnerGroup(make_learner_spec(tiny_lm, dtype="bfloat16"), num_ranks=1, num_gpus_per_rank=1)
+    rollout = RolloutGroup(make_rollout_spec(tiny_lm, dtype="bfloat16", gpu_memory_utilization=0.3), num_workers=1,
+                           num_gpus_per_worker=1)
+    yield learners, rollout
+    _stop(started, rollout, learners)
+
+
+@pytest.fixture
+def colocated_groups(tiny_lm: Path, make_rollout_spec: Any, make_learner_spec: Any) -> Iterator[tuple[Any, Any]]:
+    """Learner rank 0 and vLLM worker 0 sharing one GPU (colocated placement, fractional GPUs)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    started = _start_ray()
+    from cascade_rl.actors.group import LearnerGroup, RolloutGroup, make_placement
+
+    placement = make_placement("colocated", num_learner_ranks=1, num_gpus_per_rank=0.5, num_rollout_workers=1,
+                               num_gpus_per_worker=0.5)
+    learners = LearnerGroup(make_learner_spec(tiny_lm, dtype="bfloat16"), num_ranks=1, placement=placement.learner)
+    rollout = RolloutGroup(make_rollout_spec(tiny_lm, dtype="bfloat16", gpu_memory_utilization=0.3), num_workers=1,
+                           placement=placement.rollout)
+    yield learners, rollout
+    _stop(started, rollout, learners)
+    placement.remove()
+
+
+def check_syncs(learners: Any, rollout: Any, prompts: Any, make_policy_batch: Any, path: str) -> None:
+    """Train, sync, compare (twice), then sample with the synced weights."""
     from cascade_rl.types import SequenceBatch
 
-    learners, rollout = gpu_groups
-    assert rollout._use_nccl(learners), "learner and vLLM on different GPUs must sync over NCCL"
     batch = make_policy_batch(rollout.generate(prompts[:4], 4))  # 16 sequences, ±1 advantages
     fixed = SequenceBatch(batch.prompt_token_ids, batch.response_token_ids)
 
@@ -80,14 +110,26 @@ def test_nccl_sync_makes_vllm_logprobs_equal_the_learners(gpu_groups: tuple[Any,
 
         seconds = rollout.sync_from(learners, version=version, bucket_mb=bucket_mb)
         after = _diff(vllm_logprobs(), learner)
-        print(f"sync v{version} ({bucket_mb} MiB buckets): {seconds:.3f} s, |Δ| start {start}, "
-              f"stale {stale}, after {after}, sides {rollout.last_nccl_sync}")
+        print(f"{path} sync v{version} ({bucket_mb} MiB buckets): {seconds:.3f} s, |Δ| start {start}, "
+              f"stale {stale}, after {after}, sides {rollout.last_sync_sides}")
+        assert rollout.last_sync_path == path
         assert after[0] < TOL_MAX and after[1] < TOL_MEAN, after
         assert rollout.policy_versions() == [version]
-        assert rollout.last_nccl_sync["sync_bytes"] > 0
+        assert rollout.last_sync_sides["sync_bytes"] > 0
 
     out = rollout.generate(prompts[4:6], 2)
     assert {g.policy_version for g in out.generations} == {2}
     sampled = SequenceBatch([g.prompt_token_ids for g in out.generations], [g.token_ids for g in out.generations])
     behaviour = _diff([g.logprobs for g in out.generations], learners.compute_logprobs(sampled))
     assert behaviour[0] < TOL_MAX, f"sampling after the sync used other weights: |Δ| = {behaviour}"
+
+
+def test_nccl_sync_makes_vllm_logprobs_equal_the_learners(split_groups: tuple[Any, Any], prompts: Any,
+                                                          make_policy_batch: Any) -> None:
+    check_syncs(*split_groups, prompts, make_policy_batch, "nccl")
+
+
+def test_cuda_ipc_sync_makes_colocated_vllm_logprobs_equal_the_learners(colocated_groups: tuple[Any, Any],
+                                                                        prompts: Any,
+                                                                        make_policy_batch: Any) -> None:
+    check_syncs(*colocated_groups, prompts, make_policy_batch, "ipc")

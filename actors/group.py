@@ -222,7 +222,7 @@ class LearnerGroup:
                                        num_rollout_workers=0, num_gpus_per_worker=num_gpus_per_rank)
             placement = self._own.learner
         self.spec, self.num_ranks, self.placement = spec, num_ranks, placement
-        self.uses_gpu = num_gpus_per_rank > 0
+        self.uses_gpu = placement.num_gpus > 0
         # the rendezvous port must be free on rank 0's node: probe from rank 0's bundle
         addr, port = ray.get(_endpoint.options(**{**placement.options(0), "num_cpus": 0, "num_gpus": 0}).remote())
         cls = _learner_actor()

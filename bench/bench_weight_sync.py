@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--object-store-repeats", type=int, default=None, help="default: --repeats")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--note", default="", help="appended to the report's note (the host, what was varied)")
     args = ap.parse_args()
     gpu = args.device == "cuda"
     shape = args.shape or ("qwen3-0.6b" if gpu else "tiny")
@@ -203,7 +204,8 @@ def main() -> None:
         "placement": args.placement if gpu else "cpu",
         "weight_bytes": nbytes, "params": nparams, "results": {},
         "note": "GB/s = checkpoint weight bytes / seconds of one whole sync (learner gather/pack, transfer, vLLM "
-                "in-place reload), driver-side; NCCL needs learner and vLLM on different GPUs, CUDA IPC the same"}
+                "in-place reload), driver-side; NCCL needs learner and vLLM on different GPUs, CUDA IPC the same. "
+                + args.note}
     tag = args.device + ("_colocated" if gpu and args.placement == "colocated" else "")
     dest = Path(args.out or ROOT / "bench" / "results" / f"weight_sync_{tag}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)

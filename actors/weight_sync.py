@@ -2,8 +2,9 @@
 
 Three paths, chosen by ``RolloutGroup.sync_from``:
 
-- **Object store** (CPU; the HF backend; any layout the other two don't cover). Learner rank 0 returns ``(name, tensor)`` pairs (all ranks take part: ZeRO-3 gathers are collective);
-  the driver passes that one ObjectRef to every rollout worker. A vLLM worker packs the pairs into safetensors
+- **Object store** (CPU; the HF backend; any layout the other two don't cover). Learner rank 0 returns
+  ``(name, tensor)`` pairs (all ranks take part: ZeRO-3 gathers are collective); the driver passes that one
+  ObjectRef to every rollout worker. A vLLM worker packs the pairs into safetensors
   bytes (plain msgpack bytes, so no ``VLLM_ALLOW_INSECURE_SERIALIZATION`` is needed) and calls
   ``collective_rpc("cascade_load_packed")``; each vLLM worker process loads them with the model runner's
   ``reload_weights`` (layerwise reload), which re-runs the post-load weight processing. On CPU that matters:

@@ -70,18 +70,20 @@ def split_groups(tiny_lm: Path, make_rollout_spec: Any, make_learner_spec: Any) 
     _stop(started, rollout, learners)
 
 
-@pytest.fixture
-def colocated_groups(tiny_lm: Path, make_rollout_spec: Any, make_learner_spec: Any) -> Iterator[tuple[Any, Any]]:
-    """Learner rank 0 and vLLM worker 0 sharing one GPU (colocated placement, fractional GPUs)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+@pytest.fixture(params=[1, 2], ids=["1gpu", "2gpus"])
+def colocated_groups(request: Any, tiny_lm: Path, make_rollout_spec: Any,
+                     make_learner_spec: Any) -> Iterator[tuple[Any, Any]]:
+    """Learner rank i and vLLM worker i sharing GPU i (colocated placement, fractional GPUs), on 1 and 2 GPUs."""
+    n = request.param
+    if not torch.cuda.is_available() or torch.cuda.device_count() < n:
+        pytest.skip(f"needs {n} CUDA GPU(s)")
     started = _start_ray()
     from cascade_rl.actors.group import LearnerGroup, RolloutGroup, make_placement
 
-    placement = make_placement("colocated", num_learner_ranks=1, num_gpus_per_rank=0.5, num_rollout_workers=1,
+    placement = make_placement("colocated", num_learner_ranks=n, num_gpus_per_rank=0.5, num_rollout_workers=n,
                                num_gpus_per_worker=0.5)
-    learners = LearnerGroup(make_learner_spec(tiny_lm, dtype="bfloat16"), num_ranks=1, placement=placement.learner)
-    rollout = RolloutGroup(make_rollout_spec(tiny_lm, dtype="bfloat16", gpu_memory_utilization=0.3), num_workers=1,
+    learners = LearnerGroup(make_learner_spec(tiny_lm, dtype="bfloat16"), num_ranks=n, placement=placement.learner)
+    rollout = RolloutGroup(make_rollout_spec(tiny_lm, dtype="bfloat16", gpu_memory_utilization=0.3), num_workers=n,
                            placement=placement.rollout)
     yield learners, rollout
     _stop(started, rollout, learners)
@@ -95,8 +97,13 @@ def check_syncs(learners: Any, rollout: Any, prompts: Any, make_policy_batch: An
     batch = make_policy_batch(rollout.generate(prompts[:4], 4))  # 16 sequences, ±1 advantages
     fixed = SequenceBatch(batch.prompt_token_ids, batch.response_token_ids)
 
-    def vllm_logprobs() -> list[list[float]]:
-        return rollout.compute_logprobs(fixed.prompt_token_ids, fixed.response_token_ids)
+    def vllm_logprobs(worker: int = 0) -> list[list[float]]:
+        return rollout.compute_logprobs(fixed.prompt_token_ids, fixed.response_token_ids, worker=worker)
+
+    def worst(learner: list[list[float]]) -> tuple[float, float]:
+        """(max, mean) |Δ| of the worst worker: every engine must hold the new weights."""
+        ds = [_diff(vllm_logprobs(w), learner) for w in range(len(rollout.workers))]
+        return max(d[0] for d in ds), max(d[1] for d in ds)
 
     start = _diff(vllm_logprobs(), learners.compute_logprobs(fixed))
     print(f"same checkpoint on both sides: (max, mean) |Δ log-prob| = {start}")
@@ -109,15 +116,15 @@ def check_syncs(learners: Any, rollout: Any, prompts: Any, make_policy_batch: An
         assert stale[0] > STALE_MIN, f"a step moved log-probs by only {stale[0]:.4f}: the check could not fail"
 
         seconds = rollout.sync_from(learners, version=version, bucket_mb=bucket_mb)
-        after = _diff(vllm_logprobs(), learner)
+        after = worst(learner)
         print(f"{path} sync v{version} ({bucket_mb} MiB buckets): {seconds:.3f} s, |Δ| start {start}, "
               f"stale {stale}, after {after}, sides {rollout.last_sync_sides}")
         assert rollout.last_sync_path == path
         assert after[0] < TOL_MAX and after[1] < TOL_MEAN, after
-        assert rollout.policy_versions() == [version]
+        assert rollout.policy_versions() == [version] * len(rollout.workers)
         assert rollout.last_sync_sides["sync_bytes"] > 0
 
-    out = rollout.generate(prompts[4:6], 2)
+    out = rollout.generate(prompts[4:8], 2)  # spread over every worker
     assert {g.policy_version for g in out.generations} == {2}
     sampled = SequenceBatch([g.prompt_token_ids for g in out.generations], [g.token_ids for g in out.generations])
     behaviour = _diff([g.logprobs for g in out.generations], learners.compute_logprobs(sampled))

@@ -8,8 +8,8 @@ and reads the held-out results the driver keeps in ``run_state.json``: after eve
 (``eval/accuracy``) and avg@k (``eval/sampled/accuracy``: the share of correct answers over k samples per prompt at
 the rollout temperature, what the RL stages optimise). The baseline (``recipes/tiny_gspo_only.yaml``) runs the same
 sft, then GSPO alone with the cascade's generation budget (rollout + mpo + gspo samples). Writes
-``bench/results/cascade_cpu.json``: per run the stage table and seconds, and per recipe the mean of the final stage
-over seeds, with the cascade's gain over the baseline.
+``bench/results/cascade_cpu.json``: per run the stage table and seconds; per recipe the mean over seeds of every
+stage and of the final one, with the cascade's gain over the baseline.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cascade_rl.config import load_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("recipes/tiny_cascade.yaml", "recipes/tiny_gspo_only.yaml")
 METRICS = {"greedy": "eval/accuracy", "avg_at_k": "eval/sampled/accuracy"}
@@ -40,9 +42,16 @@ def run_one(recipe: str, seed: int, run_dir: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    results = json.loads((run_dir / "run_state.json").read_text())["stage_results"]
-    stages = {name: {k: round(m[key], 4) for k, key in METRICS.items() if key in m} for name, m in results.items()}
-    return {"seconds": round(seconds, 1), "stages": stages, "final": stages[list(stages)[-1]]}
+    results = json.loads((run_dir / "run_state.json").read_text())["stage_results"]  # keys sorted by name
+    order = ["start", *(s.name for s in load_recipe(ROOT / recipe, []).stages if s.kind != "rollout")]
+    stages = {name: {k: round(results[name][key], 4) for k, key in METRICS.items() if key in results[name]}
+              for name in order}
+    return {"seconds": round(seconds, 1), "stages": stages, "final": stages[order[-1]]}
+
+
+def mean_of(tables: list[dict[str, float]]) -> dict[str, float]:
+    """Per metric, the mean over runs (metrics every run has)."""
+    return {k: round(statistics.mean(t[k] for t in tables), 4) for k in METRICS if all(k in t for t in tables)}
 
 
 def main() -> None:
@@ -58,7 +67,8 @@ def main() -> None:
                        ("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))):
         os.environ.setdefault(key, value)  # as scripts/demo.sh sets them
     report: dict[str, Any] = {"bench": "cascade", "device": "cpu", "cpu": platform.processor() or platform.machine(),
-                              "cpu_count": os.cpu_count(), "seeds": seeds, "runs": {}, "mean_final": {}}
+                              "cpu_count": os.cpu_count(), "seeds": seeds, "runs": {}, "mean_by_stage": {},
+                              "mean_final": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for recipe in recipes:
@@ -70,9 +80,10 @@ def main() -> None:
             report["runs"][f"{name}/seed{seed}"] = run_one(recipe, seed, run_dir)
             print(json.dumps({f"{name}/seed{seed}": report["runs"][f"{name}/seed{seed}"]}), flush=True)
             out.write_text(json.dumps(report, indent=2) + "\n")
-        finals = [report["runs"][f"{name}/seed{s}"]["final"] for s in seeds]
-        report["mean_final"][name] = {k: round(statistics.mean(f[k] for f in finals), 4) for k in METRICS
-                                      if all(k in f for f in finals)}
+        runs = [report["runs"][f"{name}/seed{s}"] for s in seeds]
+        report["mean_by_stage"][name] = {stage: mean_of([r["stages"][stage] for r in runs])
+                                         for stage in runs[0]["stages"]}
+        report["mean_final"][name] = mean_of([r["final"] for r in runs])
     if len(recipes) > 1:
         first, base = (Path(r).stem for r in recipes[:2])
         report["gain_over_baseline"] = {k: round(v - report["mean_final"][base].get(k, float("nan")), 4)

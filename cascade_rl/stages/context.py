@@ -46,6 +46,12 @@ class RunContext:
     is_vlm: bool = False
     reward_restarts_logged: int = field(default=0, init=False, repr=False)
 
+    def shutdown_workers(self) -> None:
+        """Stop every actor cleanly: the rollout engines first (else vLLM, killed at exit, warns that its engine
+        core died), then the learners and reward workers."""
+        for group in (self.rollout, self.learners, self.rewards):
+            group.shutdown()
+
     # ------------------------------------------------------------------ logging
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:

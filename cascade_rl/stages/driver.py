@@ -73,6 +73,7 @@ def run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None = None) -> dict
     finally:
         ctx.tracker.end(status)
     print_results(ctx.run_state.stage_results, ctx.run_state.mlflow_run_id, ctx.tracker.uri)
+    ctx.shutdown_workers()  # after a failure the actors die with the driver: a stuck one must not hang the exit
     return ctx.run_state.stage_results
 
 

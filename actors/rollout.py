@@ -42,6 +42,7 @@ from .weight_sync import EXTENSION_QUALNAME, pack_named_tensors
 logger = logging.getLogger(__name__)
 
 PromptInput = tuple[list[dict[str, Any]], list[str]]  # (chat messages, image file paths)
+ENGINE_SHUTDOWN_S = 30.0  # how long vLLM's engine processes get to exit after SIGTERM
 IMAGE_PART_TYPES = ("image", "image_url", "image_pil")
 
 
@@ -397,7 +398,8 @@ class VLLMBackend:
         engine = getattr(self.llm, "llm_engine", None)
         core = getattr(engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+            # vLLM's default 5 s grace is too short for a busy CPU host: it then force-kills the engine and warns
+            core.shutdown(timeout=ENGINE_SHUTDOWN_S)
         del self.llm
 
 

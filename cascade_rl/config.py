@@ -97,6 +97,12 @@ class LearnerConfig:
     micro_batch_tokens: int = doc(4096, "token budget of one packed micro-batch")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
     offload_optimizer: bool = doc(False, "ZeRO optimizer state offload to CPU")
+    packing: Literal["auto", "packed", "padded"] = doc(
+        "auto", "micro-batch layout: packed rows (one row, per-sequence position ids), padded rows, or auto "
+                "(packed with varlen attention: flash / flex, else padded)")
+    attn_implementation: str = doc(
+        "auto", "transformers attn_implementation of the learner model (auto: flash_attention_2 on CUDA when "
+                "installed, else sdpa)")
 
 
 @dataclass

@@ -85,3 +85,25 @@ def test_recipe_reference_matches_dataclasses() -> None:
     shipped = (ROOT / "docs" / "recipe_reference.md").read_text().strip()
     assert shipped == reference_markdown().strip(), (
         "docs/recipe_reference.md is stale: run `python -m cascade_rl.config > docs/recipe_reference.md`")
+
+
+def test_packing_error_names_keys_the_loader_accepts(tmp_path: Path) -> None:
+    """The learner's packing error tells the user to set `learner.packing=…`: the loader must accept each value."""
+    import re
+    from types import SimpleNamespace
+
+    from cascade_rl.actors.learner import LearnerWorker
+
+    fake = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa")),
+                           spec=SimpleNamespace(packing="packed"), packing_check_diff=0.5,
+                           _packing_isolates_sequences=lambda: False)
+    with pytest.raises(RuntimeError) as err:
+        LearnerWorker._choose_packing(fake)
+    told = re.findall(r"(learner\.\w+)=(\w+)", str(err.value))
+    assert len(told) >= 2, str(err.value)
+    path = _write(tmp_path, "ok.yaml", "stages: [{kind: sft}]\n")
+    for key, value in told:
+        cfg = load_recipe(path, [f"{key}={value}"])
+        assert cfg.learner.packing == value
+    with pytest.raises(ConfigError, match="learner.packing"):
+        load_recipe(path, ["learner.packing=tight"])

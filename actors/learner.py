@@ -83,7 +83,6 @@ from .learner_batches import (
     plan_units,
     sequence_units,
     split_by_lengths,
-    validate_spec,
 )
 
 LOGPROB_CHUNK_TOKENS = 1024  # rows of the LM head per chunk: a float32 (1024 × 151,936) buffer is 622 MB
@@ -94,31 +93,31 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention") 
 
 @dataclass
 class LearnerSpec:
-    """What one learner rank needs; built by the stage from ``learner.*`` and ``model.*`` of the recipe."""
+    """What one learner rank needs: recipe fields of ``model.*`` / ``learner.*`` under the same names (documented in
+    ``cascade_rl/config.py``, no defaults here), plus what the driver derives. Built by ``stages/workers.py``."""
 
-    model_path: str
-    dtype: str = "float32"  # float32 | bfloat16
-    zero_stage: int = 2
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine
-    total_steps: int = 1
-    grad_clip: float = 1.0  # <= 0 disables clipping
-    micro_batch_tokens: int = 4096
-    gradient_checkpointing: bool = False
-    offload_optimizer: bool = False
-    seed: int = 0
-    is_vlm: bool = False
-    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
-    packing: str = "auto"  # auto: packed rows with varlen attention (flash / flex), else padded | packed | padded
+    model_path: str  # derived: the policy folder this stage starts from
+    seed: int  # derived: the recipe's seed
+    is_vlm: bool  # derived: the model folder has a vision config
+    total_steps: int  # derived: optimizer steps of the first schedule (``set_lr`` starts each stage's)
+    dtype: str
+    zero_stage: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    lr_schedule: str
+    grad_clip: float  # <= 0 disables clipping
+    micro_batch_tokens: int
+    gradient_checkpointing: bool
+    offload_optimizer: bool
+    attn_implementation: str
+    packing: str
 
 
 class LearnerWorker:
     """One DeepSpeed data-parallel rank. Every public method is collective: all ranks call it together."""
 
     def __init__(self, spec: LearnerSpec, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-        validate_spec(spec)
         self.spec, self.rank, self.world_size = spec, rank, world_size
         random.seed(spec.seed + rank)
         torch.manual_seed(spec.seed)

@@ -21,7 +21,7 @@ Only those positions are pushed through the LM head.
 
 Also here, as plain functions with no engine state (so ``learner.py`` holds only the worker): image files →
 ``pixel_values``, metric reduction over micro-batches and ranks, parameter buckets and checkpoint names for
-weight sync, the DeepSpeed config, the LR schedule and spec validation.
+weight sync, the DeepSpeed config and the LR schedule.
 """
 
 from __future__ import annotations
@@ -383,26 +383,6 @@ class LRSchedule:
             return self.lr
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def validate_spec(spec: Any) -> None:
-    """All errors in a ``LearnerSpec`` at once, each naming its recipe key."""
-    errors = []
-    if spec.dtype not in ("float32", "bfloat16"):
-        errors.append(f"model.dtype={spec.dtype!r}: the learner supports float32 and bfloat16")
-    if spec.zero_stage not in (0, 1, 2, 3):
-        errors.append(f"learner.zero_stage={spec.zero_stage}: must be 0, 1, 2 or 3")
-    if spec.lr_schedule not in ("constant", "cosine"):
-        errors.append(f"learner.lr_schedule={spec.lr_schedule!r}: must be constant or cosine")
-    if spec.packing not in ("auto", "packed", "padded"):
-        errors.append(f"learner packing={spec.packing!r}: must be auto, packed or padded")
-    if spec.micro_batch_tokens < 2:
-        errors.append(f"learner.micro_batch_tokens={spec.micro_batch_tokens}: must be >= 2 tokens")
-    if spec.lr < 0 or spec.warmup_steps < 0 or spec.total_steps < 1:
-        errors.append(f"learner.lr={spec.lr}, learner.warmup_steps={spec.warmup_steps}, total_steps="
-                      f"{spec.total_steps}: need lr >= 0, warmup_steps >= 0, total_steps >= 1")
-    if errors:
-        raise ValueError("invalid learner settings:\n  " + "\n  ".join(errors))
 
 
 def pad_token_id(config: Any) -> int:

@@ -52,25 +52,26 @@ class RolloutEngineError(RuntimeError):
 
 @dataclass
 class RolloutSpec:
-    """What a rollout worker needs from the recipe (built by the stage; never the whole recipe)."""
+    """What a rollout worker needs: recipe fields of ``model.*`` / ``rollout.*`` under the same names (documented in
+    ``cascade_rl/config.py``, no defaults here), plus what the driver derives. Built by ``stages/workers.py``."""
 
-    model_path: str
-    backend: str  # "vllm" | "hf"
+    model_path: str  # derived: the policy folder this stage starts from
+    seed: int  # derived: the recipe's seed
+    is_vlm: bool  # derived: the model folder has a vision config
+    backend: str
     dtype: str
     max_response_tokens: int
     max_prompt_tokens: int
     temperature: float
     top_p: float
-    seed: int
     gpu_memory_utilization: float
     kv_cache_gib: int
     enforce_eager: bool
-    is_vlm: bool = False
-    enable_sleep: bool = False  # vLLM sleep mode (GPU): frees weights + KV cache while learners train
-    behaviour_logprobs: bool = True  # vLLM: each sampled token's log-prob (costs >= 1/3 of GPU tok/s)
-    ignore_eos: bool = False  # benchmarks only: always generate max_response_tokens
-    max_images_per_prompt: int = 4
-    hf_max_batch_sequences: int = 64  # HF backend: sequences (prompts x n) per generate call
+    sleep_when_idle: bool
+    behaviour_logprobs: bool
+    ignore_eos: bool
+    max_images_per_prompt: int
+    hf_max_batch_sequences: int
 
 
 @dataclass
@@ -278,7 +279,7 @@ class VLLMBackend:
             max_model_len=spec.max_prompt_tokens + spec.max_response_tokens,
             worker_extension_cls=EXTENSION_QUALNAME, disable_log_stats=True)
         if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization, enable_sleep_mode=spec.enable_sleep)
+            kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization, sleep_when_idle_mode=spec.sleep_when_idle)
         else:
             # A chunked prefill rewinds the request's seeded generator by offset, which CPU generators lack
             # ("CPU Generator does not use offset"): schedule whole prompts only.
@@ -382,8 +383,8 @@ class VLLMBackend:
         return self.llm.llm_engine.vllm_config.parallel_config.world_size
 
     def sleep(self) -> None:
-        if not (self.on_gpu and self.spec.enable_sleep):
-            logger.debug("rollout sleep skipped: vLLM sleep mode needs a GPU and RolloutSpec.enable_sleep")
+        if not (self.on_gpu and self.spec.sleep_when_idle):
+            logger.debug("rollout sleep skipped: vLLM sleep mode needs a GPU and RolloutSpec.sleep_when_idle")
             return
         if not self.asleep:
             self.llm.sleep(level=1)

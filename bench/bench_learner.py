@@ -102,6 +102,8 @@ def main() -> None:
     import torch
     from cascade_rl.actors.learner import LearnerSpec, LearnerWorker
 
+    from cascade_rl.stages.workers import spec_with
+
     if args.model_path:
         path = args.model_path
     elif args.shape == "tiny":
@@ -110,7 +112,7 @@ def main() -> None:
         path = str(build_tiny_lm())
     else:
         path = str(build_qwen3_shape(Path(args.model_dir)))
-    spec = LearnerSpec(model_path=path, dtype=args.dtype, zero_stage=args.zero_stage, lr=1e-6,
+    spec = spec_with(LearnerSpec, model_path=path, dtype=args.dtype, zero_stage=args.zero_stage, lr=1e-6,
                        micro_batch_tokens=args.micro_batch_tokens, gradient_checkpointing=args.gradient_checkpointing,
                        total_steps=args.warmup + args.steps, attn_implementation=args.attn_implementation)
     t0 = time.perf_counter()

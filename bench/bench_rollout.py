@@ -255,6 +255,8 @@ def main() -> None:
     import vllm
     from cascade_rl.actors.rollout import RolloutSpec, RolloutWorker
 
+    from cascade_rl.stages.workers import spec_with
+
     t0 = time.perf_counter()
     if shape == "tiny":
         from cascade_rl.data.tiny_models import build_tiny_lm
@@ -263,7 +265,7 @@ def main() -> None:
     else:
         model = build_qwen3_shape(Path(args.model_dir), args.num_layers)
     build_s = time.perf_counter() - t0
-    spec = RolloutSpec(model_path=str(model), backend="vllm", dtype="bfloat16" if gpu else "float32",
+    spec = spec_with(RolloutSpec, model_path=str(model), backend="vllm", dtype="bfloat16" if gpu else "float32",
                        max_response_tokens=tokens, max_prompt_tokens=args.prompt_tokens + 32, temperature=1.0,
                        top_p=1.0, seed=0, gpu_memory_utilization=args.gpu_memory_utilization,
                        kv_cache_gib=int(os.environ["VLLM_CPU_KVCACHE_SPACE"]),

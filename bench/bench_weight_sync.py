@@ -90,16 +90,17 @@ class Bench:
         from cascade_rl.actors.learner import LearnerSpec
         from cascade_rl.actors.rollout import RolloutSpec
 
+        from cascade_rl.stages.workers import spec_with
         from cascade_rl.types import SequenceBatch
 
         self.dtype = "bfloat16" if gpu else "float32"
         gpus = (0.5 if placement == "colocated" else 1.0) if gpu else 0.0
         self.placement = make_placement(placement, num_learner_ranks=1, num_gpus_per_rank=gpus,
                                         num_rollout_workers=1, num_gpus_per_worker=gpus)
-        self.learners = LearnerGroup(LearnerSpec(model_path=str(model), dtype=self.dtype, zero_stage=zero_stage,
+        self.learners = LearnerGroup(spec_with(LearnerSpec, model_path=str(model), dtype=self.dtype, zero_stage=zero_stage,
                                                  lr=1e-3, micro_batch_tokens=4096),
                                      num_ranks=1, placement=self.placement.learner)
-        self.rollout = RolloutGroup(RolloutSpec(
+        self.rollout = RolloutGroup(spec_with(RolloutSpec,
             model_path=str(model), backend="vllm", dtype=self.dtype, max_response_tokens=32, max_prompt_tokens=96,
             temperature=1.0, top_p=1.0, seed=0, gpu_memory_utilization=0.3 if placement == "colocated" else 0.5,
             kv_cache_gib=1, enforce_eager=True), num_workers=1, placement=self.placement.rollout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,9 @@ class RolloutConfig:
     sleep_when_idle: bool = doc(False, "put vLLM to sleep while learners train (colocated GPUs)")
     behaviour_logprobs: bool = doc(True, "vLLM returns each sampled token's log-prob (logged in rollout records; "
                                          "needed by gspo.overlap); on costs vLLM 0.26 a third of its GPU throughput")
+    ignore_eos: bool = doc(False, "keep generating past EOS to max_response_tokens (benchmarks: fixed lengths)")
+    max_images_per_prompt: int = doc(4, "vLLM: most images one prompt may carry (limit_mm_per_prompt)")
+    hf_max_batch_sequences: int = doc(64, "hf backend: sequences (prompts x group_size) per generate call")
     placement: Literal["split", "colocated"] = doc(
         "split", "split: learners and rollout workers on separate GPUs; colocated: learner rank i and rollout "
         "worker i share GPU i (set fractional num_gpus_per_rank/num_gpus_per_worker and sleep_when_idle)")
@@ -112,12 +116,17 @@ class SFTConfig:
 
 
 @dataclass
+class MPOTermConfig:
+    loss: str = doc(MISSING, "loss term: a name in cascade_rl/algos/mpo.py MPO_LOSSES (sigmoid, bco_pair, sft)")
+    weight: float = doc(1.0, "weight of this term in the MPO loss")
+
+
+@dataclass
 class MPOConfig:
     beta: float = doc(0.1, "DPO/BCO temperature")
-    terms: list[dict[str, Any]] = doc(
-        text="loss terms [{loss: sigmoid|bco_pair|sft, weight}]",
-        factory=lambda: [{"loss": "sigmoid", "weight": 0.8}, {"loss": "bco_pair", "weight": 0.2},
-                         {"loss": "sft", "weight": 1.0}])
+    terms: list[MPOTermConfig] = doc(
+        text="loss terms summed with their weights (InternVL3.5: 0.8 sigmoid, 0.2 bco_pair, 1.0 sft)",
+        factory=lambda: [MPOTermConfig("sigmoid", 0.8), MPOTermConfig("bco_pair", 0.2), MPOTermConfig("sft", 1.0)])
     epochs: int = doc(1, "passes over the pairs")
     batch_size: int = doc(16, "pairs per optimizer step (global)")
     max_pairs_per_prompt: int = doc(15, "cap on correctness pairs per prompt")
@@ -140,11 +149,16 @@ class GSPOConfig:
                                "log-probs are then the rollout engine's behaviour log-probs)")
 
 
+# The StageConfig fields each stage kind reads besides ``kind`` and ``name``; any other is an error, not ignored.
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "sft": ("lr", "sft"), "rollout": ("num_prompts",), "mpo": ("lr", "mpo"), "gspo": ("lr", "gspo")}
+
+
 @dataclass
 class StageConfig:
     kind: Literal["sft", "rollout", "mpo", "gspo"] = doc(MISSING, "stage type")
     name: str = doc("", "stage name (default: the kind); names folders and metric prefixes")
-    lr: float | None = doc(None, "learning rate for this stage (default learner.lr)")
+    lr: float | None = doc(None, "sft/mpo/gspo stages: learning rate for this stage (default learner.lr)")
     num_prompts: int = doc(256, "rollout stage: prompts to sample from")
     sft: SFTConfig = doc(text="sft stage settings", factory=SFTConfig)
     mpo: MPOConfig = doc(text="mpo stage settings", factory=MPOConfig)
@@ -186,7 +200,7 @@ class RecipeConfig:
     name: str = doc("cascade", "recipe name (MLflow run name, run folder)")
     seed: int = doc(0, "global random seed")
     run_dir: str = doc("runs/${name}", "folder for logs, checkpoints and the local MLflow store")
-    resume: str = doc("never", "never | auto (newest complete checkpoint)")
+    resume: Literal["never", "auto"] = doc("never", "never, or auto: continue from the newest complete checkpoint")
     model: ModelConfig = doc(text="policy model", factory=ModelConfig)
     data: DataConfig = doc(text="prompt datasets", factory=DataConfig)
     rollout: RolloutConfig = doc(text="rollout workers", factory=RolloutConfig)
@@ -254,8 +268,17 @@ def _node_at(dotted: str) -> Any:
         f = hints[part]
         node = f.default_factory() if f.default_factory is not MISSING else f.default
         if isinstance(node, list):
-            node = {"stages": StageConfig, "terms": RewardTermConfig}.get(part, None)
+            node = list_item_type(f)
     return node
+
+
+def list_item_type(f: Any) -> type | None:
+    """The dataclass of a ``list[XConfig]`` field's items (None for other fields)."""
+    text = str(f.type)
+    if not (text.startswith("list[") and text.endswith("Config]")):
+        return None
+    item = globals().get(text[len("list["):-1])
+    return item if is_dataclass(item) else None
 
 
 def _keys_at(dotted: str) -> list[str]:
@@ -274,19 +297,47 @@ def _type_at(dotted: str) -> str:
     return ""
 
 
-def _check_list_items(raw: DictConfig, source: str) -> None:
-    """Merge list items (stages, reward terms) one by one so an error can name its index."""
-    for dotted, schema in (("stages", StageConfig), ("reward.terms", RewardTermConfig)):
-        items = OmegaConf.select(raw, dotted, default=None)
-        if not isinstance(items, ListConfig):
-            continue
-        for i, item in enumerate(items):
-            try:
-                OmegaConf.merge(OmegaConf.structured(schema), item)
-            except OmegaConfBaseException as exc:
-                key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
-                exc.full_key = f"{dotted}.{i}.{key}" if key else f"{dotted}.{i}"
-                raise _explain(exc, source) from None
+def _check_list_items(node: Any, schema: type, where: str, source: str) -> None:
+    """Merge list items (stages, reward and MPO terms) one by one, innermost first, so an error names its index."""
+    if not isinstance(node, DictConfig):
+        return
+    for f in fields(schema):
+        item_type = list_item_type(f)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        sub = node.get(f.name) if f.name in node and (item_type or is_dataclass(default)) else None
+        if item_type is not None and isinstance(sub, ListConfig):
+            for i, item in enumerate(sub):
+                _check_list_items(item, item_type, f"{where}{f.name}.{i}.", source)
+                try:
+                    OmegaConf.merge(OmegaConf.structured(item_type), item)
+                except OmegaConfBaseException as exc:
+                    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
+                    exc.full_key = f"{where}{f.name}.{i}.{key}" if key else f"{where}{f.name}.{i}"
+                    raise _explain(exc, source) from None
+        elif is_dataclass(default):
+            _check_list_items(sub, type(default), f"{where}{f.name}.", source)
+
+
+def foreign_stage_key(i: int, kind: str, key: str) -> str:
+    """The problem of a stage field that its kind does not read (``{kind: mpo, gspo: {...}}``)."""
+    belongs = [k for k, names in STAGE_FIELDS.items() if key in names]
+    reads = ", ".join(("kind", "name", *STAGE_FIELDS[kind]))
+    return (f"stages.{i}.{key}: a stage of kind `{kind}` does not read `{key}` (it reads {reads}); "
+            f"move it to a stage of kind {' / '.join(belongs) or '?'} or delete it")
+
+
+def _raw_foreign_stage_keys(raw: DictConfig, cfg: RecipeConfig) -> list[str]:
+    """Stage keys written in the YAML that the stage's kind does not read (even when equal to the default)."""
+    stages = raw.get("stages")
+    if not isinstance(stages, ListConfig) or len(stages) != len(cfg.stages):  # overrides replaced the list
+        return []
+    out = []
+    for i, item in enumerate(stages):
+        kind = item.get("kind") if isinstance(item, DictConfig) else None
+        if kind in STAGE_FIELDS and kind == cfg.stages[i].kind:
+            out += [foreign_stage_key(i, kind, str(k)) for k in item
+                    if k not in ("kind", "name") and k not in STAGE_FIELDS[kind]]
+    return out
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeConfig:
@@ -294,7 +345,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = Path(path)
     schema = OmegaConf.structured(RecipeConfig)
     raw = _read_yaml(path)
-    _check_list_items(raw, str(path))
+    _check_list_items(raw, RecipeConfig, "", str(path))
     try:
         merged = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as exc:
@@ -314,9 +365,21 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     for i, stage in enumerate(cfg.stages):
         if not stage.name:
             stage.name = stage.kind if [s.kind for s in cfg.stages].count(stage.kind) == 1 else f"{stage.kind}{i}"
-    problems = validate(cfg)
+    problems = list(dict.fromkeys(_raw_foreign_stage_keys(raw, cfg) + validate(cfg)))
     if problems:
         raise ConfigError(f"{path}: {len(problems)} problem(s) in the recipe:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def recipe_with(values: Mapping[str, Any] | None = None) -> RecipeConfig:
+    """The default recipe with ``{dotted.key: value}`` set, type-checked as a recipe file is (not validated)."""
+    merged = OmegaConf.structured(RecipeConfig)
+    for key, value in (values or {}).items():
+        try:
+            OmegaConf.update(merged, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, f"recipe key `{key}`") from None
+    cfg: RecipeConfig = OmegaConf.to_object(merged)
     return cfg
 
 
@@ -348,8 +411,6 @@ def flatten(cfg: RecipeConfig) -> dict[str, str]:
 def validate(cfg: RecipeConfig) -> list[str]:
     """Every cross-field problem of a recipe, each naming its key and the fix (empty when fine)."""
     p: list[str] = []
-    if cfg.resume not in ("never", "auto"):
-        p.append(f"resume={cfg.resume!r}: use `never` or `auto`")
     if not cfg.stages:
         p.append("stages is empty: list at least one stage, e.g. `stages: [{kind: sft}]`")
     names = [s.name for s in cfg.stages]
@@ -432,7 +493,9 @@ def _range_checks(cfg: RecipeConfig) -> list[str]:
 
 def _validate_stage(i: int, s: StageConfig, cfg: RecipeConfig) -> list[str]:
     key = f"stages.{i}"
-    p: list[str] = []
+    default = StageConfig(kind=s.kind)
+    p = [foreign_stage_key(i, s.kind, f.name) for f in fields(StageConfig)
+         if f.name not in ("kind", "name", *STAGE_FIELDS[s.kind]) and getattr(s, f.name) != getattr(default, f.name)]
     if s.lr is not None and s.lr <= 0:
         p.append(f"{key}.lr={s.lr}: must be > 0")
     if s.kind == "gspo":
@@ -453,12 +516,17 @@ def _validate_stage(i: int, s: StageConfig, cfg: RecipeConfig) -> list[str]:
         if not 0 <= g.pass_rate_min <= g.pass_rate_max <= 1:
             p.append(f"{key}.gspo: need 0 <= pass_rate_min <= pass_rate_max <= 1")
     if s.kind == "mpo":
-        valid = {"sigmoid", "bco_pair", "sft"}
+        from cascade_rl.algos.mpo import MPO_LOSSES  # the losses the learner can compute (imports torch)
+
+        if not s.mpo.terms:
+            p.append(f"{key}.mpo.terms is empty: list at least one term, e.g. `[{{loss: sigmoid, weight: 1.0}}]`")
         for j, t in enumerate(s.mpo.terms):
-            if set(t) - {"loss", "weight"} or "loss" not in t:
-                p.append(f"{key}.mpo.terms.{j}: each term is {{loss, weight}}, got {dict(t)}")
-            elif t["loss"] not in valid:
-                p.append(f"{key}.mpo.terms.{j}.loss={t['loss']!r}: valid losses are {sorted(valid)}")
+            if t.loss not in MPO_LOSSES:
+                p.append(f"{key}.mpo.terms.{j}.loss={t.loss!r}: valid losses are {sorted(MPO_LOSSES)}")
+            elif [u.loss for u in s.mpo.terms].index(t.loss) < j:
+                p.append(f"{key}.mpo.terms.{j}.loss={t.loss!r} is listed twice; give each loss once")
+            if not math.isfinite(t.weight):
+                p.append(f"{key}.mpo.terms.{j}.weight={t.weight}: must be a finite number")
         if s.mpo.beta <= 0:
             p.append(f"{key}.mpo.beta={s.mpo.beta}: must be > 0")
         if not any(x.kind == "rollout" for x in cfg.stages[:i]) and not s.mpo.logs:
@@ -484,10 +552,9 @@ def reference_markdown() -> str:
                 nested.append((type(default), f"{prefix}{f.name}."))
                 continue
             shown = "(required)" if default is MISSING else repr(default)
-            if f.name == "stages":
-                nested.append((StageConfig, f"{prefix}stages.N."))
-            if f.name == "terms" and cls is RewardConfig:
-                nested.append((RewardTermConfig, f"{prefix}terms.N."))
+            item = list_item_type(f)
+            if item is not None:
+                nested.append((item, f"{prefix}{f.name}.N."))
             typ = str(f.type).replace("|", "\\|")
             text = f.metadata.get("doc", "").replace("|", "\\|")
             rows.append(f"| `{prefix}{f.name}` | `{typ}` | `{shown}` | {text} |")

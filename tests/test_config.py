@@ -107,3 +107,81 @@ def test_packing_error_names_keys_the_loader_accepts(tmp_path: Path) -> None:
         assert cfg.learner.packing == value
     with pytest.raises(ConfigError, match="learner.packing"):
         load_recipe(path, ["learner.packing=tight"])
+
+
+@pytest.mark.parametrize("stage, key", [
+    ("{kind: mpo, gspo: {clip_low: 0.2}}", "stages.1.gspo"),
+    ("{kind: mpo, gspo: {}}", "stages.1.gspo"),  # present in the YAML, even if equal to the defaults
+    ("{kind: gspo, num_prompts: 10}", "stages.1.num_prompts"),
+    ("{kind: rollout, lr: 1.0e-4}", "stages.1.lr"),
+    ("{kind: gspo, mpo: {beta: 0.2}}", "stages.1.mpo"),
+])
+def test_block_of_another_stage_kind_is_an_error(tmp_path: Path, stage: str, key: str) -> None:
+    path = _write(tmp_path, "kinds.yaml", f"stages:\n  - {{kind: rollout}}\n  - {stage}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert f"{key}: a stage of kind" in str(err.value) and str(path) in str(err.value)
+
+
+def test_override_of_another_kinds_block_is_an_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, "ok.yaml", "stages: [{kind: rollout}, {kind: mpo}]\n")
+    with pytest.raises(ConfigError, match="stages.1.gspo: a stage of kind `mpo` does not read `gspo`"):
+        load_recipe(path, ["stages.1.gspo.num_steps=3"])
+    assert load_recipe(path, ["stages.1.mpo.beta=0.2"]).stages[1].mpo.beta == 0.2
+
+
+def test_mpo_terms_are_typed_and_checked_against_the_loss_table(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from cascade_rl.algos import mpo as mpo_algos
+
+    def recipe(terms: str) -> Path:
+        return _write(tmp_path, "mpo.yaml", f"stages: [{{kind: rollout}}, {{kind: mpo, mpo: {{terms: {terms}}}}}]\n")
+
+    cfg = load_recipe(recipe("[{loss: sft, weight: 2}]"))
+    assert (cfg.stages[1].mpo.terms[0].loss, cfg.stages[1].mpo.terms[0].weight) == ("sft", 2.0)
+    with pytest.raises(ConfigError, match=r"stages.1.mpo.terms.0.loss='ipo': valid losses are \['bco_pair'"):
+        load_recipe(recipe("[{loss: ipo}]"))
+    with pytest.raises(ConfigError, match="stages.1.mpo.terms.1.loss='sft' is listed twice"):
+        load_recipe(recipe("[{loss: sft}, {loss: sft}]"))
+    with pytest.raises(ConfigError, match="unknown key `stages.1.mpo.terms.0.wieght`.*Did you mean"):
+        load_recipe(recipe("[{loss: sft, wieght: 1}]"))
+    # the valid names are the learner's own loss table, not a copy kept in the config
+    monkeypatch.setitem(mpo_algos.MPO_LOSSES, "ipo", mpo_algos.MPO_LOSSES["sigmoid"])
+    assert load_recipe(recipe("[{loss: ipo}]")).stages[1].mpo.terms[0].loss == "ipo"
+
+
+def test_resume_is_a_literal(tmp_path: Path) -> None:
+    path = _write(tmp_path, "ok.yaml", "stages: [{kind: sft}]\n")
+    assert load_recipe(path, ["resume=auto"]).resume == "auto"
+    with pytest.raises(ConfigError, match="resume"):
+        load_recipe(path, ["resume=sometimes"])
+
+
+def test_worker_specs_are_derived_from_the_recipe_in_one_place() -> None:
+    """Every spec field is a recipe key (same name, its default and doc only in config.py) or a derived value."""
+    import dataclasses
+
+    from cascade_rl.actors.learner import LearnerSpec
+    from cascade_rl.actors.rollout import RolloutSpec
+    from cascade_rl.config import recipe_with, reference_markdown
+    from cascade_rl.stages.workers import build_spec, spec_sources
+
+    derived = {"model_path", "seed", "is_vlm", "total_steps"}
+    reference = reference_markdown()
+    for cls in (LearnerSpec, RolloutSpec):
+        names = {f.name for f in dataclasses.fields(cls)}
+        sources = spec_sources(cls)
+        assert names - set(sources) <= derived, f"{cls.__name__} fields that are no recipe key"
+        assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(cls)), "defaults belong in config"
+        for key in sources.values():
+            assert f"| `{key}` |" in reference, f"{key} is not documented"
+    values = {"learner.packing": "padded", "learner.attn_implementation": "eager", "learner.zero_stage": 3,
+              "model.dtype": "bfloat16", "rollout.ignore_eos": True, "rollout.sleep_when_idle": True,
+              "rollout.hf_max_batch_sequences": 7, "rollout.max_images_per_prompt": 2}
+    cfg = recipe_with(values)
+    learner = build_spec(LearnerSpec, cfg, model_path="/m", seed=3, is_vlm=False, total_steps=1)
+    rollout = build_spec(RolloutSpec, cfg, model_path="/m", seed=3, is_vlm=False)
+    for key, value in values.items():
+        spec = learner if key.split(".")[0] == "learner" else rollout
+        assert getattr(spec, key.split(".")[1]) == value, key
+    assert learner.dtype == rollout.dtype == "bfloat16"

@@ -57,7 +57,7 @@ def prepare_pairs(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder)
 def run_mpo(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder) -> None:
     mpo = stage.mpo
     pairs = prepare_pairs(ctx, stage, index, enc)
-    terms = [(t["loss"], float(t["weight"])) for t in mpo.terms]
+    terms = [(t.loss, t.weight) for t in mpo.terms]
     total = num_batches(len(pairs), mpo.batch_size, mpo.epochs)
     ctx.start_schedule(stage.lr or ctx.cfg.learner.lr, total)
     bar = tqdm(total=total, initial=ctx.state.stage_step, desc=f"[{stage.name}] mpo", unit="step")

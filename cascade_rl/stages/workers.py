@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
+from typing import Any, TypeVar
 
-from ..config import RecipeConfig
+from ..config import ModelConfig, RecipeConfig, recipe_with
+
+S = TypeVar("S")
+SPEC_SECTIONS = {"LearnerSpec": "learner", "RolloutSpec": "rollout"}  # the recipe section of each worker spec
 
 
 def init_ray(cfg: RecipeConfig) -> None:
@@ -39,7 +44,43 @@ def is_vlm_model(model_path: str) -> bool:
     return "vision_config" in config
 
 
-def build_groups(cfg: RecipeConfig, model_path: str):
+def spec_sources(spec_cls: type) -> dict[str, str]:
+    """Recipe key of each recipe-derived field of a worker spec.
+
+    A spec field is the recipe field of the same name in ``model.*`` or in the worker's own section
+    (``learner.*`` for ``LearnerSpec``, ``rollout.*`` for ``RolloutSpec``); its default, doc and checks live in
+    ``cascade_rl/config.py`` only. Spec fields found in neither are derived by the driver (``build_spec``).
+    """
+    section = SPEC_SECTIONS[spec_cls.__name__]
+    declared = {"model": {f.name for f in fields(ModelConfig)},
+                section: {f.name for f in fields(type(getattr(RecipeConfig(), section)))}}
+    out: dict[str, str] = {}
+    for f in fields(spec_cls):
+        owners = [sec for sec, names in declared.items() if f.name in names]
+        assert len(owners) <= 1, f"{spec_cls.__name__}.{f.name} is declared in {owners}: rename one"
+        if owners:
+            out[f.name] = f"{owners[0]}.{f.name}"
+    return out
+
+
+def build_spec(spec_cls: type[S], cfg: RecipeConfig, **derived: Any) -> S:
+    """A worker spec: each recipe field copied by name (``spec_sources``), plus the ``derived`` values."""
+    values = {name: getattr(getattr(cfg, key.split(".")[0]), name) for name, key in spec_sources(spec_cls).items()}
+    return spec_cls(**values, **derived)
+
+
+def spec_with(spec_cls: type[S], model_path: str, **values: Any) -> S:
+    """A spec from the default recipe with ``values`` set by spec field name (tests and benchmarks); recipe fields
+    are type-checked as in a recipe file, derived ones default to seed 0, a text model and one schedule step."""
+    sources = spec_sources(spec_cls)
+    derived = {"seed": 0, "is_vlm": False, "total_steps": 1}
+    derived = {k: v for k, v in derived.items() if k in {f.name for f in fields(spec_cls)}}
+    derived.update({k: v for k, v in values.items() if k not in sources})
+    cfg = recipe_with({sources[k]: v for k, v in values.items() if k in sources})
+    return build_spec(spec_cls, cfg, model_path=str(model_path), **derived)
+
+
+def build_groups(cfg: RecipeConfig, model_path: str) -> tuple[Any, Any, Any, bool]:
     from ..actors.group import (
         LearnerGroup,
         LearnerSpec,
@@ -50,19 +91,9 @@ def build_groups(cfg: RecipeConfig, model_path: str):
     )
 
     vlm = is_vlm_model(model_path)
-    m, r, lr = cfg.model, cfg.rollout, cfg.learner
-    rollout_spec = RolloutSpec(
-        model_path=model_path, backend=r.backend, dtype=m.dtype, max_response_tokens=m.max_response_tokens,
-        max_prompt_tokens=m.max_prompt_tokens, temperature=r.temperature, top_p=r.top_p, seed=cfg.seed,
-        gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
-        enforce_eager=r.enforce_eager, is_vlm=vlm, enable_sleep=r.sleep_when_idle,
-        behaviour_logprobs=r.behaviour_logprobs)
-    learner_spec = LearnerSpec(
-        model_path=model_path, dtype=m.dtype, zero_stage=lr.zero_stage, lr=lr.lr, weight_decay=lr.weight_decay,
-        warmup_steps=lr.warmup_steps, lr_schedule=lr.lr_schedule, total_steps=1, grad_clip=lr.grad_clip,
-        micro_batch_tokens=lr.micro_batch_tokens, gradient_checkpointing=lr.gradient_checkpointing,
-        offload_optimizer=lr.offload_optimizer, seed=cfg.seed, is_vlm=vlm, packing=lr.packing,
-        attn_implementation=lr.attn_implementation)
+    r, lr = cfg.rollout, cfg.learner
+    rollout_spec = build_spec(RolloutSpec, cfg, model_path=model_path, seed=cfg.seed, is_vlm=vlm)
+    learner_spec = build_spec(LearnerSpec, cfg, model_path=model_path, seed=cfg.seed, is_vlm=vlm, total_steps=1)
     placement = make_placement(r.placement, num_learner_ranks=lr.num_ranks, num_gpus_per_rank=lr.num_gpus_per_rank,
                                num_rollout_workers=r.num_workers, num_gpus_per_worker=r.num_gpus_per_worker)
     learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank, placement=placement.learner)

@@ -21,18 +21,20 @@ SYNC_LR = 1e-2  # large, so one step visibly moves log-probs (the sync test must
 def rollout_spec(model_path: str | Path, backend: str = "vllm", **overrides: Any) -> Any:
     from cascade_rl.actors.rollout import RolloutSpec
 
-    base: dict[str, Any] = dict(
-        model_path=str(model_path), backend=backend, dtype="float32", max_response_tokens=MAX_RESPONSE_TOKENS,
-        max_prompt_tokens=128, temperature=1.0, top_p=1.0, seed=0, gpu_memory_utilization=0.5, kv_cache_gib=1,
-        enforce_eager=True)
-    return RolloutSpec(**{**base, **overrides})
+    from cascade_rl.stages.workers import spec_with
+
+    base: dict[str, Any] = dict(backend=backend, dtype="float32", max_response_tokens=MAX_RESPONSE_TOKENS,
+                                max_prompt_tokens=128, kv_cache_gib=1, enforce_eager=True)
+    return spec_with(RolloutSpec, str(model_path), **{**base, **overrides})
 
 
 def learner_spec(model_path: str | Path, **overrides: Any) -> Any:
     from cascade_rl.actors.learner import LearnerSpec
 
-    return LearnerSpec(**{**dict(model_path=str(model_path), lr=SYNC_LR, zero_stage=2, micro_batch_tokens=512,
-                                 total_steps=10), **overrides})
+    from cascade_rl.stages.workers import spec_with
+
+    return spec_with(LearnerSpec, str(model_path), **{**dict(lr=SYNC_LR, zero_stage=2, micro_batch_tokens=512,
+                                                             total_steps=10), **overrides})
 
 
 def arithmetic_prompts(n: int = NUM_PROMPTS) -> list[tuple[list[dict[str, Any]], list[str]]]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from cascade_rl.actors.learner import COMPLETE, LearnerSpec, LearnerWorker, LRSchedule
 
+from cascade_rl.stages.workers import spec_with
 from cascade_rl.types import PairBatch, SequenceBatch
 
 pytestmark = pytest.mark.slow  # each test starts DeepSpeed (a few seconds); they still run in CI
@@ -45,7 +46,7 @@ def tiny_lm() -> str:
 
 
 def make_worker(path: str, rank: int = 0, world_size: int = 1, port: int | None = None, **kw) -> LearnerWorker:
-    spec = LearnerSpec(model_path=path, **{"zero_stage": 2, "lr": 1e-3, "micro_batch_tokens": 64, **kw})
+    spec = spec_with(LearnerSpec, path, **{"zero_stage": 2, "lr": 1e-3, "micro_batch_tokens": 64, **kw})
     return LearnerWorker(spec, rank, world_size, "127.0.0.1", port or free_port())
 
 

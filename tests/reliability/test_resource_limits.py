@@ -17,6 +17,8 @@ import torch
 from cascade_rl.actors.faults import is_memory_text, learner_failure_message, learner_oom_message
 from cascade_rl.actors.rollout import RolloutEngineError, RolloutSpec, explain_engine_error
 
+from cascade_rl.stages.workers import spec_with
+
 MAX_RESPONSE_TOKENS = 3
 
 
@@ -25,7 +27,7 @@ def _spec(model_path: str = "/models/policy", **overrides: Any) -> RolloutSpec:
         model_path=model_path, backend="hf", dtype="float32", max_response_tokens=MAX_RESPONSE_TOKENS,
         max_prompt_tokens=125, temperature=1.0, top_p=1.0, seed=0, gpu_memory_utilization=0.5, kv_cache_gib=1,
         enforce_eager=True)
-    return RolloutSpec(**{**base, **overrides})
+    return spec_with(RolloutSpec, **{**base, **overrides})
 
 
 # ------------------------------------------------------------------------------------------------ truncation
@@ -157,7 +159,7 @@ def test_learner_oom_guard_rewrites_a_real_allocation_failure() -> None:
     real = _real_cpu_oom()
     assert not isinstance(real, torch.OutOfMemoryError) and is_memory_text(str(real))  # a plain RuntimeError
     # the guard only reads spec, rank and device from the worker
-    rank = SimpleNamespace(spec=LearnerSpec(model_path="/m", micro_batch_tokens=8192, zero_stage=2), rank=1,
+    rank = SimpleNamespace(spec=spec_with(LearnerSpec, "/m", micro_batch_tokens=8192, zero_stage=2), rank=1,
                            device=torch.device("cpu"))
     mb = build_micro_batch([([1, 2, 3], [4, 5]), ([1, 2], [6])], packed=False, pad_token_id=0)
     with pytest.raises(torch.OutOfMemoryError) as info:

@@ -91,8 +91,10 @@ def learners(ray_session: None, tiny_lm: Path) -> Iterator[Any]:
     from cascade_rl.actors.group import LearnerGroup
     from cascade_rl.actors.learner import LearnerSpec
 
-    group = LearnerGroup(LearnerSpec(model_path=str(tiny_lm), lr=1e-2, zero_stage=2, micro_batch_tokens=512,
-                                     total_steps=10), num_ranks=2)
+    from cascade_rl.stages.workers import spec_with
+
+    group = LearnerGroup(spec_with(LearnerSpec, str(tiny_lm), lr=1e-2, zero_stage=2, micro_batch_tokens=512,
+                                   total_steps=10), num_ranks=2)
     yield group
     group.shutdown()
 
@@ -102,9 +104,10 @@ def rollout(ray_session: None, tiny_lm: Path) -> Iterator[Any]:
     from cascade_rl.actors.group import RolloutGroup
     from cascade_rl.actors.rollout import RolloutSpec
 
-    spec = RolloutSpec(model_path=str(tiny_lm), backend="hf", dtype="float32", max_response_tokens=RESPONSE_TOKENS,
-                       max_prompt_tokens=128, temperature=1.0, top_p=1.0, seed=0, gpu_memory_utilization=0.5,
-                       kv_cache_gib=1, enforce_eager=True, ignore_eos=True)
+    from cascade_rl.stages.workers import spec_with
+
+    spec = spec_with(RolloutSpec, str(tiny_lm), backend="hf", dtype="float32", max_response_tokens=RESPONSE_TOKENS,
+                     max_prompt_tokens=128, kv_cache_gib=1, enforce_eager=True, ignore_eos=True)
     group = RolloutGroup(spec, num_workers=2)
     yield group
     group.shutdown()

@@ -61,6 +61,14 @@ from torch import Tensor
 
 from cascade_rl.algos.logprobs import compute_logprobs_from_hidden, compute_token_logprobs
 from cascade_rl.algos.mpo import RewardShift, compute_mpo_loss, parse_mpo_terms
+from cascade_rl.algos.packing import (
+    MicroBatch,
+    build_micro_batch,
+    dummy_micro_batch,
+    pad_rows,
+    plan_units,
+    split_by_lengths,
+)
 from cascade_rl.algos.policy_loss import compute_policy_loss
 from cascade_rl.types import PairBatch, SequenceBatch
 
@@ -69,20 +77,14 @@ from .learner_batches import (
     ImageInputs,
     LRSchedule,
     MetricAccumulator,
-    MicroBatch,
     bucket_parameters,
     build_ds_config,
-    build_micro_batch,
     check_policy_batch,
     checkpoint_name_map,
     copy_tokenizer_files,
-    dummy_micro_batch,
-    pad_rows,
     pad_token_id,
     pair_units,
-    plan_units,
     sequence_units,
-    split_by_lengths,
 )
 
 LOGPROB_CHUNK_TOKENS = 1024  # rows of the LM head per chunk: a float32 (1024 × 151,936) buffer is 622 MB

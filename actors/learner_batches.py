@@ -1,25 +1,7 @@
-"""Learner micro-batches: token-budget planning, sequence packing, and where each response token is predicted.
+"""Learner helpers with no engine state (so ``learner.py`` holds only the worker).
 
-A *unit* is what must share one forward pass: one sequence for policy/SFT training, a (chosen, rejected) pair
-for MPO (the DPO term couples the two). Units are grouped into micro-batches of at most
-``learner.micro_batch_tokens`` tokens (``cascade_rl.algos.packing.plan_micro_batches``: longest first, balanced).
-
-Two layouts, same results (tests check that neither changes a log-prob beyond float noise):
-
-- **packed**: all sequences of a micro-batch concatenated into one row ``(1, total)`` with ``position_ids``
-  restarting at 0 per sequence and no attention mask. transformers >= 4.54 (here 5.x) derives cu_seqlens for
-  flash-attention, a block mask for flex attention and a dense block-diagonal mask for sdpa/eager
-  (``masking_utils.find_packed_sequence_indices``) from such position ids, *only when no KV cache is in play*: the
-  model must be called with ``use_cache=False`` — with the default ``use_cache=True`` sequences silently attend to
-  each other (seen: log-prob errors of 0.5).
-- **padded**: right-padded rows with an attention mask, grouped longest first; the budget counts padding
-  (rows × longest row). Used with sdpa/eager, where a packed row would cost total² attention.
-
-For both, ``target_positions`` index the flattened ``(rows · L)`` hidden states: position ``t`` predicts token
-``t + 1``, so response token j of a sequence with prompt length p at offset o is predicted at ``o + p − 1 + j``.
-Only those positions are pushed through the LM head.
-
-Also here, as plain functions with no engine state (so ``learner.py`` holds only the worker): image files →
+Micro-batch planning and the packed / padded layouts are ``cascade_rl.algos.packing``; here: batches → units,
+image files →
 ``pixel_values``, metric reduction over micro-batches and ranks, parameter buckets and checkpoint names for
 weight sync, the DeepSpeed config and the LR schedule.
 """
@@ -29,138 +11,15 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cascade_rl.algos.packing import plan_micro_batches
+from cascade_rl.algos.packing import MicroBatch, SequenceTokens
 from cascade_rl.types import PairBatch, SequenceBatch
-
-# (prompt token ids, response token ids) of one sequence
-SequenceTokens = tuple[Sequence[int], Sequence[int]]
-
-
-@dataclass
-class MicroBatch:
-    """One forward pass worth of sequences, as tensors on the CPU (the worker moves them)."""
-
-    units: list[int]  # caller's unit indices, in micro-batch order
-    input_ids: Tensor  # (R, L) long; R = 1 when packed
-    position_ids: Tensor  # (R, L) long
-    attention_mask: Tensor | None  # (R, L) long for the padded layout, None when packed
-    target_positions: Tensor  # (N,) long index into the flattened (R·L) positions
-    targets: Tensor  # (N,) long response tokens predicted there
-    response_lengths: list[int]  # per sequence, in micro-batch order (sum == N)
-    images: list[str] = field(default_factory=list)  # image paths in token order
-    is_dummy: bool = False  # padding micro-batch so every rank runs the same number of passes
-
-    @property
-    def num_tokens(self) -> int:
-        if self.attention_mask is not None:
-            return int(self.attention_mask.sum().item())
-        return int(self.input_ids.numel())
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.response_lengths)
-
-
-def plan_units(units: Sequence[Sequence[int]], budget: int, *, packed: bool,
-               min_num_micro_batches: int = 1) -> list[list[int]]:
-    """Group units (each given by its sequences' lengths) into micro-batches of at most ``budget`` tokens.
-
-    Packed: balanced bins over the units' total lengths (``plan_micro_batches``). Padded: longest first, a unit
-    joins the current micro-batch while ``rows × widest row ≤ budget`` (padding counts).
-    """
-    if not units:
-        return []
-    totals = [sum(u) for u in units]
-    cost = totals if packed else [len(u) * max(u) for u in units]
-    if max(cost) > budget:
-        what = "pair" if max(len(u) for u in units) > 1 else "sequence"
-        raise ValueError(
-            f"a {what} of {max(totals)} tokens (prompt + response{'s' if what == 'pair' else ''}) exceeds the "
-            f"micro-batch token budget learner.micro_batch_tokens={budget}; raise learner.micro_batch_tokens to at "
-            "least the longest prompt + response(s), or lower model.max_response_tokens / model.max_prompt_tokens")
-    if packed:
-        return plan_micro_batches(totals, budget, min_num_micro_batches=min_num_micro_batches)
-    order = sorted(range(len(units)), key=lambda i: (-max(units[i]), i))
-    groups: list[list[int]] = []
-    rows = width = 0
-    for i in order:
-        if groups and (rows + len(units[i])) * max(width, max(units[i])) <= budget:
-            groups[-1].append(i)
-            rows, width = rows + len(units[i]), max(width, max(units[i]))
-        else:
-            groups.append([i])
-            rows, width = len(units[i]), max(units[i])
-    return [sorted(g) for g in groups]
-
-
-def build_micro_batch(
-    sequences: Sequence[SequenceTokens], *, packed: bool, pad_token_id: int, units: Sequence[int] = (),
-    images: Sequence[str] = (),
-) -> MicroBatch:
-    """Tensors for ``sequences`` (already in micro-batch order) in the packed or padded layout."""
-    if any(len(prompt) < 1 for prompt, _ in sequences):
-        raise ValueError("every learner sequence needs a prompt of at least 1 token: the first response token is "
-                         "predicted from the last prompt token")
-    full = [list(p) + list(r) for p, r in sequences]
-    lengths = [len(s) for s in full]
-    response_lengths = [len(r) for _, r in sequences]
-    if packed:
-        input_ids = torch.tensor([tok for s in full for tok in s], dtype=torch.long)[None]  # (1, total)
-        position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])[None]  # (1, total)
-        attention_mask = None
-        row_starts = torch.tensor([0, *lengths[:-1]], dtype=torch.long).cumsum(0)  # offset of each sequence
-    else:
-        width = max(lengths)
-        input_ids = torch.full((len(full), width), pad_token_id, dtype=torch.long)  # (B, L)
-        attention_mask = torch.zeros((len(full), width), dtype=torch.long)  # (B, L)
-        for row, s in enumerate(full):
-            input_ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-            attention_mask[row, : len(s)] = 1
-        # padded positions get 0..L-1 too; they are masked out of attention and never targeted
-        position_ids = torch.arange(width, dtype=torch.long)[None].expand(len(full), width).clone()  # (B, L)
-        row_starts = torch.arange(len(full), dtype=torch.long) * width
-    positions, targets = [], []
-    for (prompt, response), start in zip(sequences, row_starts.tolist(), strict=True):
-        first = start + len(prompt) - 1
-        positions.append(torch.arange(first, first + len(response), dtype=torch.long))
-        targets.append(torch.tensor(list(response), dtype=torch.long))
-    return MicroBatch(
-        units=list(units), input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-        target_positions=torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
-        targets=torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long),
-        response_lengths=response_lengths, images=list(images),
-    )
-
-
-def dummy_micro_batch(pad_token_id: int, *, packed: bool) -> MicroBatch:
-    """A 2-token sequence whose loss is multiplied by 0: keeps ranks' collective calls in step."""
-    mb = build_micro_batch([([pad_token_id], [pad_token_id])], packed=packed, pad_token_id=pad_token_id)
-    mb.is_dummy = True
-    return mb
-
-
-def split_by_lengths(values: Tensor, lengths: Sequence[int]) -> list[Tensor]:
-    """(N,) → per-sequence (len_i,) views."""
-    return list(torch.split(values, list(lengths)))
-
-
-def pad_rows(rows: Sequence[Tensor], *, value: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Right-pad 1-D tensors (len_i,) → values (B, T) and bool mask (B, T); T ≥ 1 so losses see a 2-D shape."""
-    width = max([1, *(r.numel() for r in rows)])
-    ref = rows[0] if rows else torch.zeros(0)
-    out = torch.full((len(rows), width), value, dtype=ref.dtype, device=ref.device)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool, device=ref.device)  # (B, T)
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r
-        mask[i, : r.numel()] = True
-    return out, mask
 
 
 def load_images(paths: Sequence[str]) -> list[Any]:

@@ -163,6 +163,7 @@ def test_worker_specs_are_derived_from_the_recipe_in_one_place() -> None:
 
     from cascade_rl.actors.learner import LearnerSpec
     from cascade_rl.actors.rollout import RolloutSpec
+
     from cascade_rl.config import recipe_with, reference_markdown
     from cascade_rl.stages.workers import build_spec, spec_sources
 

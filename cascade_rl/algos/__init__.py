@@ -11,24 +11,16 @@ from cascade_rl.algos.logprobs import (
     gather_response,
 )
 from cascade_rl.algos.mpo import MPO_LOSSES, RewardShift, compute_mpo_loss, parse_mpo_terms
-from cascade_rl.algos.packing import (
-    PackedMicroBatch,
-    pack_micro_batch,
-    pack_sequences,
-    pack_values,
-    pad_sequences,
-    plan_micro_batches,
-    unpack,
-    unpack_to_original,
-)
+from cascade_rl.algos.packing import MicroBatch, build_micro_batch, pad_rows, plan_micro_batches, plan_units
 from cascade_rl.algos.policy_loss import POLICY_LOSSES, compute_policy_loss
 
 __all__ = [
     "MPO_LOSSES",
+    "MicroBatch",
     "POLICY_LOSSES",
     "GroupAdvantages",
-    "PackedMicroBatch",
     "RewardShift",
+    "build_micro_batch",
     "compute_group_advantages",
     "compute_logprobs_from_hidden",
     "compute_mpo_loss",
@@ -36,12 +28,8 @@ __all__ = [
     "compute_response_logprobs",
     "compute_token_logprobs",
     "gather_response",
-    "pack_micro_batch",
-    "pack_sequences",
-    "pack_values",
-    "pad_sequences",
+    "pad_rows",
     "plan_micro_batches",
+    "plan_units",
     "parse_mpo_terms",
-    "unpack",
-    "unpack_to_original",
 ]

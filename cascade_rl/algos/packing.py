@@ -1,4 +1,7 @@
-"""Sequence packing into micro-batches by a token budget, and right padding.
+"""Sequence packing: micro-batches by a token budget, in a packed or a padded layout (what the learner runs).
+
+A *unit* is what must share one forward pass: one sequence for policy/SFT training, a (chosen, rejected) pair
+for MPO (the DPO term couples the two).
 
 Planning (``plan_micro_batches``): sequences are sorted longest first and each is placed into the open
 micro-batch with the **fewest tokens that still fits it**, opening a new micro-batch when none fits
@@ -6,46 +9,34 @@ micro-batch with the **fewest tokens that still fits it**, opening a new micro-b
 where ``k_ffd`` is what first-fit-decreasing needs (the usual near-optimal bin count, ≤ 11/9·OPT + 1), so the
 budget is respected, loads come out balanced, and data-parallel ranks can be asked for the same number of
 micro-batches (``min_num_micro_batches`` = the max over ranks) without empty ones. Ties go to the earliest
-sequence / micro-batch, so the plan is deterministic.
+sequence / micro-batch, so the plan is deterministic. ``plan_units`` applies it to units (packed), or groups
+units longest first while ``rows × widest row ≤ budget`` (padded: padding counts).
 
-Packed layout (flash-attention varlen / HF ``position_ids`` packing)::
+Two layouts (``build_micro_batch``), same results (the learner tests check that neither changes a log-prob):
 
-    input_ids    (1, total)   sequences concatenated
-    position_ids (1, total)   0..len_i−1 restarting per sequence
-    cu_seqlens   (n+1,) int32 [0, len_0, len_0+len_1, …]
-    indices      (n,)         original index of each packed sequence; results go back with unpack_to_original
+- **packed**: all sequences of a micro-batch concatenated into one row ``(1, total)`` with ``position_ids``
+  restarting at 0 per sequence and no attention mask. transformers >= 4.54 derives cu_seqlens for
+  flash-attention, a block mask for flex attention and a dense block-diagonal mask for sdpa/eager from such
+  position ids, *only when no KV cache is in play*: the model must be called with ``use_cache=False`` — with the
+  default ``use_cache=True`` sequences silently attend to each other (seen: log-prob errors of 0.5).
+- **padded**: right-padded rows with an attention mask (used with sdpa/eager, where a packed row would cost
+  total² attention).
 
-Lossless: packing then unpacking returns every sequence unchanged, in its original order.
+For both, ``target_positions`` index the flattened ``(rows · L)`` hidden states: position ``t`` predicts token
+``t + 1``, so response token j of a sequence with prompt length p at offset o is predicted at ``o + p − 1 + j``.
+Only those positions go through the LM head.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-SeqLike = Tensor | Sequence[int]
-
-
-@dataclass
-class PackedMicroBatch:
-    """One packed micro-batch of ``num_seqs`` sequences."""
-
-    input_ids: Tensor  # (1, total) long
-    position_ids: Tensor  # (1, total) long
-    cu_seqlens: Tensor  # (num_seqs + 1,) int32
-    max_seqlen: int
-    indices: list[int]  # original index of each sequence, in packed order
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.cu_seqlens[-1].item())
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.indices)
+# (prompt token ids, response token ids) of one sequence
+SequenceTokens = tuple[Sequence[int], Sequence[int]]
 
 
 def _first_fit_decreasing_bins(lengths: Sequence[int], order: Sequence[int], max_tokens: int) -> int:
@@ -93,88 +84,121 @@ def plan_micro_batches(
     return [sorted(b) for b in bins if b]
 
 
-def _as_long(seq: SeqLike) -> Tensor:
-    return seq.reshape(-1).long() if isinstance(seq, Tensor) else torch.tensor(list(seq), dtype=torch.long)
+@dataclass
+class MicroBatch:
+    """One forward pass worth of sequences, as tensors on the CPU (the worker moves them)."""
+
+    units: list[int]  # caller's unit indices, in micro-batch order
+    input_ids: Tensor  # (R, L) long; R = 1 when packed
+    position_ids: Tensor  # (R, L) long
+    attention_mask: Tensor | None  # (R, L) long for the padded layout, None when packed
+    target_positions: Tensor  # (N,) long index into the flattened (R·L) positions
+    targets: Tensor  # (N,) long response tokens predicted there
+    response_lengths: list[int]  # per sequence, in micro-batch order (sum == N)
+    images: list[str] = field(default_factory=list)  # image paths in token order
+    is_dummy: bool = False  # padding micro-batch so every rank runs the same number of passes
+
+    @property
+    def num_tokens(self) -> int:
+        if self.attention_mask is not None:
+            return int(self.attention_mask.sum().item())
+        return int(self.input_ids.numel())
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.response_lengths)
 
 
-def pack_micro_batch(sequences: Sequence[SeqLike], indices: Sequence[int]) -> PackedMicroBatch:
-    """Concatenate ``sequences[i] for i in indices`` into one packed row."""
-    seqs = [_as_long(sequences[i]) for i in indices]
-    lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.int32)  # (n,)
-    cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int32)  # (n+1,)
-    cu_seqlens[1:] = torch.cumsum(lengths, dim=0)
-    device = seqs[0].device if seqs else None
-    input_ids = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)  # (total,)
-    positions = [torch.arange(s.numel(), dtype=torch.long, device=device) for s in seqs]
-    position_ids = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)  # (total,)
-    return PackedMicroBatch(
-        input_ids=input_ids[None, :],
-        position_ids=position_ids[None, :],
-        cu_seqlens=cu_seqlens.to(input_ids.device),
-        max_seqlen=int(lengths.max().item()) if seqs else 0,
-        indices=list(indices),
+def plan_units(units: Sequence[Sequence[int]], budget: int, *, packed: bool,
+               min_num_micro_batches: int = 1) -> list[list[int]]:
+    """Group units (each given by its sequences' lengths) into micro-batches of at most ``budget`` tokens.
+
+    Packed: balanced bins over the units' total lengths (``plan_micro_batches``). Padded: longest first, a unit
+    joins the current micro-batch while ``rows × widest row ≤ budget`` (padding counts).
+    """
+    if not units:
+        return []
+    totals = [sum(u) for u in units]
+    cost = totals if packed else [len(u) * max(u) for u in units]
+    if max(cost) > budget:
+        what = "pair" if max(len(u) for u in units) > 1 else "sequence"
+        raise ValueError(
+            f"a {what} of {max(totals)} tokens (prompt + response{'s' if what == 'pair' else ''}) exceeds the "
+            f"micro-batch token budget learner.micro_batch_tokens={budget}; raise learner.micro_batch_tokens to at "
+            "least the longest prompt + response(s), or lower model.max_response_tokens / model.max_prompt_tokens")
+    if packed:
+        return plan_micro_batches(totals, budget, min_num_micro_batches=min_num_micro_batches)
+    order = sorted(range(len(units)), key=lambda i: (-max(units[i]), i))
+    groups: list[list[int]] = []
+    rows = width = 0
+    for i in order:
+        if groups and (rows + len(units[i])) * max(width, max(units[i])) <= budget:
+            groups[-1].append(i)
+            rows, width = rows + len(units[i]), max(width, max(units[i]))
+        else:
+            groups.append([i])
+            rows, width = len(units[i]), max(units[i])
+    return [sorted(g) for g in groups]
+
+
+def build_micro_batch(
+    sequences: Sequence[SequenceTokens], *, packed: bool, pad_token_id: int, units: Sequence[int] = (),
+    images: Sequence[str] = (),
+) -> MicroBatch:
+    """Tensors for ``sequences`` (already in micro-batch order) in the packed or padded layout."""
+    if any(len(prompt) < 1 for prompt, _ in sequences):
+        raise ValueError("every learner sequence needs a prompt of at least 1 token: the first response token is "
+                         "predicted from the last prompt token")
+    full = [list(p) + list(r) for p, r in sequences]
+    lengths = [len(s) for s in full]
+    response_lengths = [len(r) for _, r in sequences]
+    if packed:
+        input_ids = torch.tensor([tok for s in full for tok in s], dtype=torch.long)[None]  # (1, total)
+        position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])[None]  # (1, total)
+        attention_mask = None
+        row_starts = torch.tensor([0, *lengths[:-1]], dtype=torch.long).cumsum(0)  # offset of each sequence
+    else:
+        width = max(lengths)
+        input_ids = torch.full((len(full), width), pad_token_id, dtype=torch.long)  # (B, L)
+        attention_mask = torch.zeros((len(full), width), dtype=torch.long)  # (B, L)
+        for row, s in enumerate(full):
+            input_ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attention_mask[row, : len(s)] = 1
+        # padded positions get 0..L-1 too; they are masked out of attention and never targeted
+        position_ids = torch.arange(width, dtype=torch.long)[None].expand(len(full), width).clone()  # (B, L)
+        row_starts = torch.arange(len(full), dtype=torch.long) * width
+    positions, targets = [], []
+    for (prompt, response), start in zip(sequences, row_starts.tolist(), strict=True):
+        first = start + len(prompt) - 1
+        positions.append(torch.arange(first, first + len(response), dtype=torch.long))
+        targets.append(torch.tensor(list(response), dtype=torch.long))
+    return MicroBatch(
+        units=list(units), input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+        target_positions=torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
+        targets=torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long),
+        response_lengths=response_lengths, images=list(images),
     )
 
 
-def pack_sequences(
-    sequences: Sequence[SeqLike], max_tokens: int, *, min_num_micro_batches: int = 1
-) -> list[PackedMicroBatch]:
-    """Plan and pack 1-D token sequences into micro-batches of at most ``max_tokens`` tokens."""
-    lengths = [s.numel() if isinstance(s, Tensor) else len(s) for s in sequences]
-    plan = plan_micro_batches(lengths, max_tokens, min_num_micro_batches=min_num_micro_batches)
-    return [pack_micro_batch(sequences, idx) for idx in plan]
+def dummy_micro_batch(pad_token_id: int, *, packed: bool) -> MicroBatch:
+    """A 2-token sequence whose loss is multiplied by 0: keeps ranks' collective calls in step."""
+    mb = build_micro_batch([([pad_token_id], [pad_token_id])], packed=packed, pad_token_id=pad_token_id)
+    mb.is_dummy = True
+    return mb
 
 
-def pack_values(values: Sequence[Tensor], indices: Sequence[int]) -> Tensor:
-    """Concatenate per-sequence tensors (len_i, ...) in ``indices`` order → (1, total, ...), e.g. old log-probs."""
-    return torch.cat([values[i] for i in indices], dim=0)[None]
+def split_by_lengths(values: Tensor, lengths: Sequence[int]) -> list[Tensor]:
+    """(N,) → per-sequence (len_i,) views."""
+    return list(torch.split(values, list(lengths)))
 
 
-def unpack(packed: Tensor, cu_seqlens: Tensor) -> list[Tensor]:
-    """Split packed values (1, total, ...) or (total, ...) back into per-sequence tensors (len_i, ...)."""
-    bounds = cu_seqlens.tolist()
-    is_batched = packed.dim() >= 2 and packed.shape[0] == 1 and packed.shape[1] == bounds[-1]
-    flat = packed[0] if is_batched else packed  # (total, ...)
-    if bounds[-1] != flat.shape[0]:
-        raise ValueError(f"packed values have {flat.shape[0]} positions but cu_seqlens ends at {bounds[-1]}")
-    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def unpack_to_original(
-    per_batch: Sequence[Sequence[Tensor]], batches: Sequence[PackedMicroBatch]
-) -> list[Tensor]:
-    """Put per-sequence results of every micro-batch (packed order) back into the original sequence order."""
-    total = sum(b.num_seqs for b in batches)
-    out: list[Tensor | None] = [None] * total
-    for results, batch in zip(per_batch, batches, strict=True):
-        if len(results) != batch.num_seqs:
-            raise ValueError(f"micro-batch has {batch.num_seqs} sequences but {len(results)} results")
-        for original, value in zip(batch.indices, results, strict=True):
-            out[original] = value
-    if any(v is None for v in out):
-        raise ValueError("micro-batch indices do not cover 0..n-1 exactly once")
-    return [v for v in out if v is not None]
-
-
-def pad_sequences(
-    sequences: Sequence[SeqLike], *, padding_value: float = 0, max_length: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """Right-pad 1-D sequences → (B, T) tensor and long mask (B, T) with 1 on real tokens.
-
-    Tensors keep their dtype and device; lists become long tensors. ``max_length`` pads further (never truncates).
-    """
-    tensors = [
-        s.reshape(-1) if isinstance(s, Tensor) else torch.tensor(list(s), dtype=torch.long) for s in sequences
-    ]
-    longest = max((t.numel() for t in tensors), default=0)
-    width = longest if max_length is None else max_length
-    if width < longest:
-        raise ValueError(f"max_length={max_length} is shorter than the longest sequence ({longest} tokens)")
-    dtype = tensors[0].dtype if tensors else torch.long
-    device = tensors[0].device if tensors else None
-    padded = torch.full((len(tensors), width), padding_value, dtype=dtype, device=device)  # (B, T)
-    mask = torch.zeros((len(tensors), width), dtype=torch.long, device=device)  # (B, T)
-    for row, t in enumerate(tensors):
-        padded[row, : t.numel()] = t
-        mask[row, : t.numel()] = 1
-    return padded, mask
+def pad_rows(rows: Sequence[Tensor], *, value: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Right-pad 1-D tensors (len_i,) → values (B, T) and bool mask (B, T); T ≥ 1 so losses see a 2-D shape."""
+    width = max([1, *(r.numel() for r in rows)])
+    ref = rows[0] if rows else torch.zeros(0)
+    out = torch.full((len(rows), width), value, dtype=ref.dtype, device=ref.device)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool, device=ref.device)  # (B, T)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r
+        mask[i, : r.numel()] = True
+    return out, mask

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from cascade_rl.algos.advantages import compute_group_advantages
 from cascade_rl.algos.mpo import RewardShift, compute_mpo_loss
-from cascade_rl.algos.packing import pack_sequences, plan_micro_batches, unpack, unpack_to_original
+from cascade_rl.algos.packing import build_micro_batch, plan_micro_batches
 from cascade_rl.algos.policy_loss import POLICY_LOSSES, compute_policy_loss
 
 FAST = settings(max_examples=40, deadline=None)
@@ -92,7 +92,10 @@ def test_packing_respects_budget_and_round_trips(lengths, budget, min_batches):
     plan = plan_micro_batches(lengths, budget, min_num_micro_batches=min_batches)
     assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= budget for b in plan)
-    seqs = [torch.arange(n) + 100 * i for i, n in enumerate(lengths)]
-    batches = pack_sequences(seqs, budget, min_num_micro_batches=min_batches)
-    restored = unpack_to_original([unpack(b.input_ids, b.cu_seqlens) for b in batches], batches)
-    assert all(torch.equal(a, b) for a, b in zip(seqs, restored, strict=True))
+    # each packed micro-batch holds its sequences back to back: splitting the row restores them
+    seqs = [([1000 + i], list(range(100 * i, 100 * i + n))) for i, n in enumerate(lengths)]
+    for b in plan:
+        mb = build_micro_batch([seqs[i] for i in b], packed=True, pad_token_id=0, units=b)
+        rows = torch.split(mb.input_ids[0], [1 + lengths[i] for i in b])
+        assert [r.tolist() for r in rows] == [[*seqs[i][0], *seqs[i][1]] for i in b]
+        assert mb.targets.tolist() == [t for i in b for t in seqs[i][1]]

@@ -154,7 +154,8 @@ def _real_cpu_oom() -> RuntimeError:
 
 def test_learner_oom_guard_rewrites_a_real_allocation_failure() -> None:
     from cascade_rl.actors.learner import LearnerSpec, LearnerWorker
-    from cascade_rl.actors.learner_batches import build_micro_batch
+
+    from cascade_rl.algos.packing import build_micro_batch
 
     real = _real_cpu_oom()
     assert not isinstance(real, torch.OutOfMemoryError) and is_memory_text(str(real))  # a plain RuntimeError

@@ -43,6 +43,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cascade_rl.seeding import derive_seed
 from cascade_rl.types import PairBatch, RewardResult, Sample, SequenceBatch
 
 from .faults import (
@@ -389,7 +390,7 @@ class RolloutGroup:
         t0 = time.perf_counter()
         prompts = [as_prompt_input(p) for p in prompts]  # ship messages and images only
         salt = self._calls if key is None else key
-        seeds = [(self.spec.seed * 1_000_003 + salt * 65_537 + i) % 2**63 for i in range(len(prompts))]
+        seeds = [derive_seed(self.spec.seed, "rollout", salt, i) for i in range(len(prompts))]
         self._calls += 1
         slices = split_evenly(len(prompts), len(self.workers))
 

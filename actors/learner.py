@@ -70,6 +70,7 @@ from cascade_rl.algos.packing import (
     split_by_lengths,
 )
 from cascade_rl.algos.policy_loss import compute_policy_loss
+from cascade_rl.seeding import derive_seed
 from cascade_rl.types import PairBatch, SequenceBatch
 
 from .faults import is_memory_text, learner_oom_message
@@ -121,8 +122,8 @@ class LearnerWorker:
 
     def __init__(self, spec: LearnerSpec, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
         self.spec, self.rank, self.world_size = spec, rank, world_size
-        random.seed(spec.seed + rank)
-        torch.manual_seed(spec.seed)
+        random.seed(derive_seed(spec.seed, "learner", rank))
+        torch.manual_seed(derive_seed(spec.seed, "learner"))
         self.device = self._init_distributed(master_addr, master_port)
         self.model = self._load_model()
         self.engine = self._build_engine()

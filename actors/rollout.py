@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cascade_rl.seeding import derive_seed
 from cascade_rl.types import Generation
 
 from .weight_sync import EXTENSION_QUALNAME, pack_named_tensors
@@ -458,7 +459,7 @@ class RolloutWorker:
         if n < 1:
             raise ValueError(f"n={n}: need at least one response per prompt (rollout.group_size)")
         if seeds is None:
-            seeds = [self.spec.seed * 1_000_003 + self._calls * 65_537 + i for i in range(len(prompts))]
+            seeds = [derive_seed(self.spec.seed, "rollout", self._calls, i) for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         self._calls += 1

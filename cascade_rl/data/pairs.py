@@ -14,8 +14,8 @@ Mixed Preference Optimization", §3.1; InternVL ``mmpr_data_pipeline_correctness
   that cannot be extracted never triggers the rule.
 - Identical pairs (same prompt, images, chosen and rejected text) and chosen == rejected text are dropped
   (``duplicate``) before the cap, so the cap picks distinct pairs (MMPR dedupes after sampling).
-- At most ``max_pairs_per_prompt`` pairs per prompt (MMPR: 15), sampled with ``random.Random(f"{seed}/{prompt_id}")``,
-  so the result does not depend on the order of prompts or of the log's shards.
+- At most ``max_pairs_per_prompt`` pairs per prompt (MMPR: 15), sampled with
+  ``random.Random(derive_seed(seed, "pairs", prompt_id))``, so the result does not depend on the order of prompts or of the log's shards.
 
 PRM-margin pairing (``method="prm_margin"``, or ``"auto"`` for prompts without a ground truth): the record with
 the highest ``prm`` reward component vs the one with the lowest, when the margin is >= ``min_prm_margin``.
@@ -43,6 +43,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..seeding import derive_seed
 from ..types import Generation, PreferencePair, RolloutRecord
 from .rollout_log import write_table_atomic
 
@@ -234,7 +235,7 @@ def _dedupe_and_cap(cands: list[tuple[RolloutRecord, RolloutRecord]], seen: set[
         unique.append((c, r))
     if len(unique) > max_pairs:
         stats.dropped["capped"] += len(unique) - max_pairs
-        keep = sorted(random.Random(f"{seed}/{prompt_id}").sample(range(len(unique)), max_pairs))
+        keep = sorted(random.Random(derive_seed(seed, "pairs", prompt_id)).sample(range(len(unique)), max_pairs))
         unique = [unique[i] for i in keep]
     seen.update((c.prompt, tuple(c.images), c.response, r.response) for c, r in unique)
     return unique

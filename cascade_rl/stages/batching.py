@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..data.prompts import PromptItem
+from ..seeding import derive_seed
 from ..types import PairBatch, PreferencePair, SequenceBatch
 
 
@@ -51,7 +52,7 @@ def pair_batch(pairs: list[PreferencePair]) -> PairBatch:
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """A deterministic shuffle per (seed, epoch): the data position is just an index into it."""
     order = list(range(n))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
+    random.Random(derive_seed(seed, "epoch", epoch)).shuffle(order)
     return order
 
 

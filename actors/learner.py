@@ -51,7 +51,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ from cascade_rl.algos.packing import (
     plan_units,
     split_by_lengths,
 )
-from cascade_rl.algos.policy_loss import compute_policy_loss
+from cascade_rl.algos.policy_loss import TOKEN_WEIGHTED_METRICS, compute_policy_loss
 from cascade_rl.seeding import derive_seed
 from cascade_rl.types import PairBatch, SequenceBatch
 
@@ -91,6 +91,8 @@ from .learner_batches import (
 LOGPROB_CHUNK_TOKENS = 1024  # rows of the LM head per chunk: a float32 (1024 × 151,936) buffer is 622 MB
 DEFAULT_SYNC_BUCKET_BYTES = 256 << 20
 COMPLETE = "COMPLETE"  # marker file written last into a finished learner checkpoint
+Metrics = dict[str, tuple[float, float]]  # name -> (value, weight of that value in the step's mean)
+LossFn = Callable[[MicroBatch, list[Tensor], list[Tensor]], tuple[Tensor, Metrics]]
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # cost Σ len² on packed rows
 
 
@@ -295,32 +297,23 @@ class LearnerWorker:
                      num_global_seqs: int, num_global_tokens: int) -> dict[str, float]:
         """One GSPO / GSPO-token / GRPO optimizer step on this rank's shard of the batch."""
         check_policy_batch(batch)
-        t0 = time.perf_counter()
-        acc = MetricAccumulator()
-        self.engine.module.train()
-        for mb in self._training_micro_batches(sequence_units(batch), batch.images, "train_policy"):
-            with self._oom_guard(mb, "train_policy"):
-                lps, ents, aux = self._forward(mb, need_vision=True, want_entropy=True)
-                if mb.is_dummy:
-                    self._backward(sum(lp.sum() for lp in lps) * 0.0 + aux)
-                    continue
-                logprobs, mask = pad_rows(lps)  # (B, T)
-                old, _ = pad_rows([torch.tensor(batch.old_logprobs[u], dtype=torch.float32, device=self.device)
-                                   for u in mb.units])  # (B, T)
-                adv = torch.tensor([batch.advantages[u] for u in mb.units], dtype=torch.float32,
-                                   device=self.device)  # (B,)
-                value, metrics = compute_policy_loss(
-                    loss, logprobs, old, adv, mask, clip_low=clip_low, clip_high=clip_high,
-                    num_global_seqs=num_global_seqs, num_global_tokens=num_global_tokens)
-                self._backward(value + aux)
+        by_tokens = TOKEN_WEIGHTED_METRICS[loss]
+
+        def step(mb: MicroBatch, lps: list[Tensor], ents: list[Tensor]) -> tuple[Tensor, Metrics]:
+            logprobs, mask = pad_rows(lps)  # (B, T)
+            old, _ = pad_rows([torch.tensor(batch.old_logprobs[u], dtype=torch.float32, device=self.device)
+                               for u in mb.units])  # (B, T)
+            adv = torch.tensor([batch.advantages[u] for u in mb.units], dtype=torch.float32,
+                               device=self.device)  # (B,)
+            value, metrics = compute_policy_loss(
+                loss, logprobs, old, adv, mask, clip_low=clip_low, clip_high=clip_high,
+                num_global_seqs=num_global_seqs, num_global_tokens=num_global_tokens)
             num_tokens = int(mask.sum())
-            acc.add_sum("loss", float(value.detach()))
-            for name, v in metrics.items():
-                by_tokens = loss == "grpo" or name == "approx_kl" or (loss == "gspo_token" and "clip" in name)
-                acc.add(name, float(v), num_tokens if by_tokens else mb.num_seqs)
-            acc.add("entropy", float(torch.cat(ents).sum()) / max(num_tokens, 1), num_tokens)
-            acc.add_sum("num_tokens", float(mb.num_tokens))
-        return self._finish_step(acc, t0)
+            out = {name: (float(v), num_tokens if name in by_tokens else mb.num_seqs) for name, v in metrics.items()}
+            out["entropy"] = (float(torch.cat(ents).sum()) / max(num_tokens, 1), num_tokens)
+            return value, out
+
+        return self._train_step(sequence_units(batch), batch.images, "train_policy", step, want_entropy=True)
 
     def train_mpo(self, batch: PairBatch, *, terms: list[tuple[str, float]], beta: float,
                   num_global_pairs: int) -> dict[str, float]:
@@ -328,51 +321,61 @@ class LearnerWorker:
         if batch.ref_chosen_logps is None or batch.ref_rejected_logps is None:
             raise ValueError("train_mpo needs reference log-probs in the PairBatch (ref_chosen_logps / "
                              "ref_rejected_logps); compute them once with compute_pair_logps on the start policy")
+        ref_chosen, ref_rejected = batch.ref_chosen_logps, batch.ref_rejected_logps
         parsed = parse_mpo_terms(terms)
         uses_shift = any(name == "bco_pair" for name, _ in parsed)
-        t0 = time.perf_counter()
-        acc = MetricAccumulator()
-        self.engine.module.train()
-        for mb in self._training_micro_batches(pair_units(batch), batch.images, "train_mpo"):
-            with self._oom_guard(mb, "train_mpo"):
-                lps, _, aux = self._forward(mb, need_vision=True)
-                if mb.is_dummy:
-                    if uses_shift:  # every rank folds into δ once per micro-batch: the all-reduce must match
-                        self.reward_shift.update(torch.zeros(0, device=self.device))
-                    self._backward(sum(lp.sum() for lp in lps) * 0.0 + aux)
-                    continue
-                pc = torch.stack([lp.sum() for lp in lps[0::2]])  # (B,)
-                pr = torch.stack([lp.sum() for lp in lps[1::2]])  # (B,)
-                rc = torch.tensor([batch.ref_chosen_logps[u] for u in mb.units], device=self.device)  # (B,)
-                rr = torch.tensor([batch.ref_rejected_logps[u] for u in mb.units], device=self.device)  # (B,)
-                n_chosen = torch.tensor([lp.numel() for lp in lps[0::2]], device=self.device)  # (B,)
-                value, metrics = compute_mpo_loss(
-                    parsed, pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), beta=beta,
-                    reward_shift=self.reward_shift if uses_shift else None, chosen_num_tokens=n_chosen,
-                    num_global_pairs=num_global_pairs)
-                self._backward(value + aux)
-            acc.add_sum("loss", float(value.detach()))
-            for name, v in metrics.items():
-                acc.add(name, float(v), len(mb.units))
-            acc.add_sum("num_tokens", float(mb.num_tokens))
-        return self._finish_step(acc, t0)
+
+        def step(mb: MicroBatch, lps: list[Tensor], ents: list[Tensor]) -> tuple[Tensor, Metrics]:
+            pc = torch.stack([lp.sum() for lp in lps[0::2]])  # (B,)
+            pr = torch.stack([lp.sum() for lp in lps[1::2]])  # (B,)
+            rc = torch.tensor([ref_chosen[u] for u in mb.units], device=self.device)  # (B,)
+            rr = torch.tensor([ref_rejected[u] for u in mb.units], device=self.device)  # (B,)
+            n_chosen = torch.tensor([lp.numel() for lp in lps[0::2]], device=self.device)  # (B,)
+            value, metrics = compute_mpo_loss(
+                parsed, pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), beta=beta,
+                reward_shift=self.reward_shift if uses_shift else None, chosen_num_tokens=n_chosen,
+                num_global_pairs=num_global_pairs)
+            return value, {name: (float(v), len(mb.units)) for name, v in metrics.items()}  # MPO metrics: per pair
+
+        def dummy() -> None:  # every rank folds into δ once per micro-batch: the all-reduce must match
+            if uses_shift:
+                self.reward_shift.update(torch.zeros(0, device=self.device))
+
+        return self._train_step(pair_units(batch), batch.images, "train_mpo", step, on_dummy=dummy)
 
     def train_sft(self, batch: SequenceBatch, *, num_global_tokens: int) -> dict[str, float]:
         """One supervised step: summed NLL of the response tokens / ``num_global_tokens``."""
         if num_global_tokens <= 0:
             raise ValueError(f"train_sft needs num_global_tokens > 0, got {num_global_tokens}")
+
+        def step(mb: MicroBatch, lps: list[Tensor], ents: list[Tensor]) -> tuple[Tensor, Metrics]:
+            return -sum(lp.sum() for lp in lps) / num_global_tokens, {}
+
+        return self._train_step(sequence_units(batch), batch.images, "train_sft", step)
+
+    def _train_step(self, units: list[list[tuple[list[int], list[int]]]], images: list[list[str]] | None,
+                    where: str, loss_fn: LossFn, *, want_entropy: bool = False,
+                    on_dummy: Callable[[], None] | None = None) -> dict[str, float]:
+        """The one micro-batch loop of every ``train_*``: forward, ``loss_fn``, backward per micro-batch, then one
+        optimizer step. ``loss_fn`` returns the micro-batch's loss (normalised by global counts) and its metrics
+        as ``{name: (value, weight)}``: each is averaged with its weight over micro-batches and ranks."""
         t0 = time.perf_counter()
         acc = MetricAccumulator()
         self.engine.module.train()
-        for mb in self._training_micro_batches(sequence_units(batch), batch.images, "train_sft"):
-            with self._oom_guard(mb, "train_sft"):
-                lps, _, aux = self._forward(mb, need_vision=True)
-                nll = -sum(lp.sum() for lp in lps)
-                value = nll * 0.0 if mb.is_dummy else nll / num_global_tokens
+        for mb in self._training_micro_batches(units, images, where):
+            with self._oom_guard(mb, where):
+                lps, ents, aux = self._forward(mb, need_vision=True, want_entropy=want_entropy)
+                if mb.is_dummy:  # zero-weight pass: keeps ZeRO's per-pass collectives in step across ranks
+                    if on_dummy is not None:
+                        on_dummy()
+                    self._backward(sum(lp.sum() for lp in lps) * 0.0 + aux)
+                    continue
+                value, metrics = loss_fn(mb, lps, ents)
                 self._backward(value + aux)
-            if not mb.is_dummy:
-                acc.add_sum("loss", float(value.detach()))
-                acc.add_sum("num_tokens", float(mb.num_tokens))
+            acc.add_sum("loss", float(value.detach()))
+            for name, (v, weight) in metrics.items():
+                acc.add(name, v, weight)
+            acc.add_sum("num_tokens", float(mb.num_tokens))
         return self._finish_step(acc, t0)
 
     # ------------------------------------------------------------------ schedule

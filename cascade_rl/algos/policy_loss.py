@@ -234,6 +234,14 @@ POLICY_LOSSES: dict[str, PolicyLossFn] = {
     "grpo": compute_grpo_loss,
 }
 
+# How each loss's metrics are averaged over micro-batches and ranks: these names per response token (a token-level
+# ratio gives one value per token), every other one per sequence (GSPO's sequence ratio: one value per sequence).
+TOKEN_WEIGHTED_METRICS: dict[str, frozenset[str]] = {
+    "gspo": frozenset({"approx_kl"}),
+    "gspo_token": frozenset({"approx_kl", "clip_frac_low", "clip_frac_high"}),
+    "grpo": frozenset({"approx_kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_min", "ratio_max"}),
+}
+
 
 def compute_policy_loss(
     name: str,

@@ -15,10 +15,10 @@ evidence of memory exhaustion (``is_memory_text``), never for every death.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
-from ray.exceptions import RayActorError
+if TYPE_CHECKING:  # ray is imported where it is used: the learner imports this module's messages without it
+    import ray
 
 # Phrases of real out-of-memory errors: torch (CUDA and CPU allocators), Ray's memory monitor, the C library.
 MEMORY_PHRASES = ("out of memory", "can't allocate memory", "cannot allocate memory", "low on memory",
@@ -53,6 +53,9 @@ def gather_with_restarts(refs: list[ray.ObjectRef], resubmit: Callable[[int], ra
                          restart: Callable[[int], None], max_restarts: int, what: str) -> list[Any]:
     """Results of one ref per worker, in order. A worker that died (``RayActorError``) is restarted and its call
     resubmitted, up to ``max_restarts`` times per call; any other error is raised as is."""
+    import ray
+    from ray.exceptions import RayActorError
+
     try:
         return ray.get(refs)
     except RayActorError:
@@ -81,6 +84,9 @@ def gather_with_restarts(refs: list[ray.ObjectRef], resubmit: Callable[[int], ra
 
 def close_all(workers: list[Any], method: str) -> None:
     """Call ``method`` on every live worker, then kill them all (a dead one is skipped, not an error)."""
+    import ray
+    from ray.exceptions import RayActorError
+
     try:
         for ref in [getattr(w, method).remote() for w in workers]:
             try:
@@ -108,6 +114,9 @@ class RankDiedError(Exception):
 
 def dead_ranks(workers: list[Any], timeout_s: float = PING_TIMEOUT_S) -> dict[int, BaseException]:
     """Ranks whose actor is dead, found by pinging every rank (a busy rank's ping just waits in its queue)."""
+    import ray
+    from ray.exceptions import RayActorError
+
     pings = [w.ping.remote() for w in workers]
     ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
     dead: dict[int, BaseException] = {}
@@ -128,6 +137,9 @@ def collect_ranks(refs: list[ray.ObjectRef], workers: list[Any], *, skip_fetch: 
     ``HEALTH_CHECK_S``. Another error from a rank is raised as is unless a peer died (then the death is the cause).
     ``skip_fetch``: a rank whose result stays in the object store (weights); its death is found by a ping.
     """
+    import ray
+    from ray.exceptions import RayActorError
+
     values: list[Any] = [None] * len(refs)
     pending = {ref: i for i, ref in enumerate(refs)}
     while pending:

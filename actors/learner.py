@@ -34,26 +34,17 @@ DeepSpeed
     scheduler: the schedule is plain numbers kept in the checkpoint's client state, so a resumed run needs no
     scheduler object to be rebuilt identically.
 
-Checkpoints
-    ``save_checkpoint`` writes DeepSpeed's state (weights, optimizer, this worker's schedule and MPO reward shift
-    in the client state) and then, after a barrier, a ``COMPLETE`` marker on rank 0; ``load_checkpoint`` refuses
-    a folder without it, so a half-written checkpoint is never picked up. (A marker rather than temp-dir-and-rename:
-    each rank writes its own shard files, which a rename on rank 0 cannot cover on a non-shared filesystem.)
+Setup (distributed init, model, engine, packing self-check) is ``learner_setup.py``; checkpoints and export
+``learner_checkpoint.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
-import os
 import random
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,21 +70,19 @@ from .learner_batches import (
     LRSchedule,
     MetricAccumulator,
     bucket_parameters,
-    build_ds_config,
     check_policy_batch,
     checkpoint_name_map,
-    copy_tokenizer_files,
     pad_token_id,
     pair_units,
     sequence_units,
 )
+from .learner_checkpoint import COMPLETE, LearnerCheckpointMixin  # noqa: F401  (COMPLETE re-exported)
+from .learner_setup import VARLEN_ATTENTION, LearnerSetupMixin  # noqa: F401  (re-exported)
 
 LOGPROB_CHUNK_TOKENS = 1024  # rows of the LM head per chunk: a float32 (1024 × 151,936) buffer is 622 MB
 DEFAULT_SYNC_BUCKET_BYTES = 256 << 20
-COMPLETE = "COMPLETE"  # marker file written last into a finished learner checkpoint
 Metrics = dict[str, tuple[float, float]]  # name -> (value, weight of that value in the step's mean)
 LossFn = Callable[[MicroBatch, list[Tensor], list[Tensor]], tuple[Tensor, Metrics]]
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # cost Σ len² on packed rows
 
 
 @dataclass
@@ -119,7 +108,7 @@ class LearnerSpec:
     packing: str
 
 
-class LearnerWorker:
+class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
     """One DeepSpeed data-parallel rank. Every public method is collective: all ranks call it together."""
 
     def __init__(self, spec: LearnerSpec, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
@@ -139,131 +128,6 @@ class LearnerWorker:
         self._sync_names: dict[str, str] | None = None
         self.packing_check_diff: float | None = None  # log-prob change from a packed neighbour (self-check)
         self._packed = self._choose_packing()
-
-    # ------------------------------------------------------------------ setup
-
-    def _init_distributed(self, master_addr: str, master_port: int) -> torch.device:
-        import deepspeed
-        import torch.distributed as dist
-        from deepspeed.accelerator import get_accelerator
-
-        on_cuda = get_accelerator().device_name() == "cuda"
-        local_rank = int(os.environ.get("LOCAL_RANK", "0" if not on_cuda or torch.cuda.device_count() <= 1
-                                        else str(self.rank % torch.cuda.device_count())))
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(local_rank))
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cascade_rl" / "torch_extensions"))
-        if not on_cuda:
-            # the shared-memory all-reduce only serves DeepSpeed inference; building it costs 40-130 s per cache
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        if dist.is_initialized():
-            if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
-                raise RuntimeError(f"torch.distributed is already set up as rank {dist.get_rank()} of "
-                                   f"{dist.get_world_size()}, not rank {self.rank} of {self.world_size}; "
-                                   "start one learner per process")
-        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False,
-                                   rank=self.rank, world_size=self.world_size)
-        if on_cuda:
-            torch.cuda.set_device(local_rank)
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-
-    def _load_model(self) -> Any:
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-        spec = self.spec
-        dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
-        self._ds_config = build_ds_config(
-            zero_stage=spec.zero_stage, bf16=spec.dtype == "bfloat16", grad_clip=spec.grad_clip,
-            offload_optimizer=spec.offload_optimizer, lr=spec.lr, weight_decay=spec.weight_decay,
-            on_cuda=self.device.type == "cuda", world_size=self.world_size)
-        hf_ds_config = None
-        if spec.zero_stage == 3 and importlib.util.find_spec("accelerate") is not None:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            # while it lives, from_pretrained partitions weights as it loads (zero.Init). It is process-global, so
-            # it is dropped right after. Without accelerate (transformers requires it for this) each rank loads
-            # the full model and deepspeed.initialize partitions it.
-            hf_ds_config = HfDeepSpeedConfig(self._ds_config)
-        cls = AutoModelForImageTextToText if spec.is_vlm else AutoModelForCausalLM
-        model = cls.from_pretrained(spec.model_path, dtype=dtype, attn_implementation=self._attn_implementation())
-        del hf_ds_config
-        model.config.use_cache = False
-        if spec.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        text_config = model.config.get_text_config()
-        head = model.get_output_embeddings()
-        # logits == hidden @ W^T (no soft-capping or scaling) is what the hidden-state path assumes
-        self._hidden_path = (spec.zero_stage < 3 and getattr(head, "bias", None) is None
-                             and getattr(text_config, "final_logit_softcapping", None) is None
-                             and getattr(text_config, "logit_scale", None) in (None, 1.0))
-        return model
-
-    def _attn_implementation(self) -> str:
-        if self.spec.attn_implementation != "auto":
-            return self.spec.attn_implementation
-        if self.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-        return "sdpa"
-
-    def _build_engine(self) -> Any:
-        import deepspeed
-
-        decay, no_decay = [], []
-        for _, p in self.model.named_parameters():
-            if p.requires_grad:
-                (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)  # ZeRO-3: ds_shape
-        groups = [{"params": decay, "weight_decay": self.spec.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = None
-        if "optimizer" not in self._ds_config:  # torch's AdamW (fused kernel on CUDA): no JIT-built Adam
-            optimizer = torch.optim.AdamW(groups, lr=self.spec.lr, betas=(0.9, 0.999), eps=1e-8,
-                                          fused=self.device.type == "cuda")
-        engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer,
-                                          model_parameters=None if optimizer is not None else groups,
-                                          config=self._ds_config, dist_init_required=False)
-        return engine
-
-    def _choose_packing(self) -> bool:
-        """Packed rows only where attention is varlen (cost Σ len²); sdpa/eager would attend over the whole row.
-
-        sdpa and eager get the block-diagonal mask as a dense (total × total) mask: correct, but every packed
-        row costs total² attention (measured on an H100, Qwen3-0.6B shape, 16k-token micro-batches: 2.8x slower
-        than padded rows of similar lengths), so ``auto`` pads there.
-        """
-        attn = self.model.config._attn_implementation
-        want = self.spec.packing == "packed" or (self.spec.packing == "auto" and attn in VARLEN_ATTENTION)
-        if not want:
-            return False
-        ok = self._packing_isolates_sequences()
-        if not ok and self.spec.packing == "packed":
-            raise RuntimeError(f"learner.packing=packed, but with attention {attn!r} packed sequences attend "
-                               f"to each other (log-prob change {self.packing_check_diff:.2e}); set "
-                               "learner.packing=auto or padded")
-        return ok
-
-    def _packing_isolates_sequences(self) -> bool:
-        """Self-check: in a packed row, does a sequence's output ignore its neighbour's tokens? Else pad.
-
-        With a block-diagonal mask the neighbour's keys get attention weight exactly 0, so changing them leaves
-        the log-probs unchanged up to rounding in any dtype; cross-contamination moves them by far more.
-        """
-        if self.spec.is_vlm and self.spec.zero_stage == 3:
-            return True  # a text-only probe would skip the vision tower's collectives; covered by the tests
-        other = ([7, 8, 9, 10], [11, 12, 13])
-        rows = []
-        self.engine.module.eval()
-        with torch.no_grad():
-            for first in (([1, 2, 3], [4, 5, 6, 1]), ([6, 5, 4], [3, 2, 1, 2])):
-                mb = build_micro_batch([first, other], packed=True, pad_token_id=self._pad_id)
-                rows.append(self._forward(mb, need_vision=False)[0][1])
-        self.packing_check_diff = float((rows[0] - rows[1]).abs().max())
-        ok = self.packing_check_diff < 1e-4
-        if not ok and self.rank == 0:
-            print(f"[learner] packed sequences attend across boundaries with this model / attention "
-                  f"({self.model.config._attn_implementation}, log-prob change {self.packing_check_diff:.2e}); "
-                  "using padded micro-batches instead")
-        return ok
 
     # ------------------------------------------------------------------ log-probs (no gradient)
 
@@ -385,67 +249,6 @@ class LearnerWorker:
         self._schedule = LRSchedule(lr, total_steps, warmup_steps, self.spec.lr_schedule)
         self._schedule_step = 0
         self._apply_lr()
-
-    # ------------------------------------------------------------------ checkpoints and export
-
-    def save_checkpoint(self, folder: str, client_state: dict) -> None:
-        """DeepSpeed state + ``client_state`` + schedule + reward shift; ``COMPLETE`` is written last."""
-        import torch.distributed as dist
-
-        path = Path(folder)
-        if self.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-            (path / COMPLETE).unlink(missing_ok=True)
-        dist.barrier()
-        state = {"cascade_rl": {"client_state": client_state, "reward_shift": self.reward_shift.state_dict(),
-                                "schedule": asdict(self._schedule), "schedule_step": self._schedule_step,
-                                "global_step": self.global_step}}
-        self.engine.save_checkpoint(str(path), tag="state", client_state=state, save_latest=False)
-        dist.barrier()
-        if self.rank == 0:
-            tmp = path / f".{COMPLETE}.tmp"
-            tmp.write_text(f"global_step={self.global_step}\n")
-            os.replace(tmp, path / COMPLETE)
-        dist.barrier()
-
-    def load_checkpoint(self, folder: str) -> dict:
-        """Restore weights, optimizer, schedule and reward shift; return the ``client_state`` given at save."""
-        path = Path(folder)
-        if not (path / COMPLETE).is_file():
-            raise FileNotFoundError(f"{path} is not a complete learner checkpoint (no {COMPLETE} marker): it was "
-                                    "never finished; resume from an earlier checkpoint")
-        load_path, states = self.engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
-                                                        load_lr_scheduler_states=False)
-        if load_path is None or "cascade_rl" not in (states or {}):
-            raise RuntimeError(f"DeepSpeed could not load the learner checkpoint in {path} (same learner.zero_stage "
-                               "and number of ranks as when it was saved?)")
-        ours = states["cascade_rl"]
-        self.reward_shift.load_state_dict(ours["reward_shift"])
-        self._schedule = LRSchedule(**ours["schedule"])
-        self._schedule_step = int(ours["schedule_step"])
-        self.global_step = int(ours["global_step"])
-        self._apply_lr()
-        return ours["client_state"]
-
-    def export_hf(self, folder: str) -> None:
-        """Rank 0 writes a Hugging Face folder (config, safetensors, tokenizer/processor files), atomically."""
-        import torch.distributed as dist
-
-        state = self._gathered_state_dict()
-        if self.rank == 0:
-            target = Path(folder)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-            self.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            copy_tokenizer_files(Path(self.spec.model_path), tmp)
-            if target.exists():
-                old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
-                os.rename(target, old)
-                os.rename(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, target)
-        dist.barrier()
 
     def named_weights_for_sync(self, bucket_bytes: int = DEFAULT_SYNC_BUCKET_BYTES, *,
                                device: str | torch.device = "cpu",
@@ -577,18 +380,6 @@ class LearnerWorker:
         if self._sync_names is None:
             self._sync_names = checkpoint_name_map(self.model)
         return self._sync_names
-
-    def _gathered_state_dict(self) -> dict[str, Tensor]:
-        """Full weights on the CPU of rank 0 (empty elsewhere); ZeRO-3 gathers bucket by bucket."""
-        state: dict[str, Tensor] = {}
-        names = {v: k for k, v in self._checkpoint_names().items()}  # checkpoint name -> module name
-        for bucket in self.named_weights_for_sync(device="cpu"):
-            for ckpt_name, t in bucket:
-                state[names[ckpt_name]] = t
-        if self.rank == 0:  # persistent buffers (ZeRO never partitions buffers)
-            persistent = set(self.model.state_dict())
-            state.update({n: b.detach().cpu() for n, b in self.model.named_buffers() if n in persistent})
-        return state
 
     @contextlib.contextmanager
     def _oom_guard(self, mb: MicroBatch, where: str) -> Iterator[None]:

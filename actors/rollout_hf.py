@@ -22,7 +22,7 @@ from typing import Any
 
 from cascade_rl.algos.logprobs import compute_token_logprobs
 
-from .rollout import RawSample, RenderedPrompt, RolloutSpec
+from .rollout_types import RawSample, RenderedPrompt, RolloutSpec
 
 logger = logging.getLogger(__name__)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,48 @@ def test_nothing_imports_stages() -> None:
             if "stages" in path.read_text() and "cascade_rl.stages" in path.read_text():
                 offenders.append(str(path.relative_to(ROOT)))
     assert not offenders
+
+
+WORKER_MODULES = ("rollout", "rollout_hf", "rollout_types", "learner", "learner_batches", "reward", "weight_sync")
+MAX_LINES = 500
+
+
+def _top_level_imports(path: Path) -> list[str]:
+    """Modules imported at module level (not inside a function, a class body or ``if TYPE_CHECKING:``)."""
+    names = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module or "")
+        elif isinstance(node, ast.Try):
+            names += [a.name for n in node.body if isinstance(n, ast.Import) for a in n.names]
+    return names
+
+
+@pytest.mark.parametrize("module", WORKER_MODULES)
+def test_worker_modules_do_not_import_ray(module: str) -> None:
+    """Workers are plain classes (group.py applies ``ray.remote``): they import, and unit-test, without Ray."""
+    top = [n for n in _top_level_imports(ROOT / "actors" / f"{module}.py") if n.split(".")[0] == "ray"]
+    assert not top, f"actors/{module}.py imports {top} at module level; import ray where it is used"
+    code = f"import sys, cascade_rl.actors.{module}; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", f"importing actors/{module}.py imports ray through one of its imports"
+
+
+def test_rollout_backends_do_not_import_each_other_at_load() -> None:
+    for a, b in (("rollout", "rollout_hf"), ("rollout_hf", "rollout")):
+        top = _top_level_imports(ROOT / "actors" / f"{a}.py")
+        rel = [n.module for n in ast.parse((ROOT / "actors" / f"{a}.py").read_text()).body
+               if isinstance(n, ast.ImportFrom) and n.level == 1]
+        assert f"cascade_rl.actors.{b}" not in top and b not in rel, f"actors/{a}.py imports actors/{b}.py"
+
+
+def test_files_stay_within_the_line_budget() -> None:
+    long = []
+    for folder in ("cascade_rl", "actors", "rewards", "tests", "bench", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            n = len(path.read_text().splitlines())
+            if n > MAX_LINES:
+                long.append(f"{path.relative_to(ROOT)}: {n} lines")
+    assert not long, f"files over {MAX_LINES} lines (split them by responsibility):\n" + "\n".join(long)

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
-
 from cascade_rl.actors.learner import LearnerWorker
 from cascade_rl.actors.learner_batches import MetricAccumulator
+
 from cascade_rl.algos.packing import build_micro_batch
 from cascade_rl.algos.policy_loss import POLICY_LOSSES, TOKEN_WEIGHTED_METRICS, compute_policy_loss
 from cascade_rl.types import SequenceBatch

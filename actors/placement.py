@@ -1,0 +1,104 @@
+"""Where the actors of the groups go: placement groups for learners and rollout workers.
+
+Placement (``make_placement``)
+    ``split``: learners and rollout workers get their own placement groups (bundles ``{"GPU": 1, "CPU": k}`` per
+    learner rank, ``{"GPU": g, "CPU": 1}`` per rollout worker); weight sync goes over NCCL.
+    ``colocated``: one placement group of ``{"GPU": 1, "CPU": k}`` bundles; learner rank i and rollout worker i
+    share bundle i with fractional GPUs (``num_gpus_per_rank + num_gpus_per_worker <= 1``; vLLM's share is set by
+    ``rollout.gpu_memory_utilization``). NCCL refuses two ranks on one GPU, so colocated sync hands each vLLM
+    worker CUDA IPC handles of its own learner rank's weights (``weight_sync.py``); where a worker has no learner
+    rank on its GPU (more workers than ranks, tensor parallelism) it falls back to the object store.
+    CPU-only (all GPU counts 0): learner bundles hold a token ``{"CPU": 0.01}`` and rollout/reward actors ask for
+    0 CPUs, so every actor fits a local ``ray.init(num_cpus=2)``; they share the real cores (Ray sets
+    ``OMP_NUM_THREADS=1`` in each), which is what a laptop run wants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+CPU_TOKEN = 0.01  # CPUs a learner asks for on CPU-only runs (a placement-group bundle can't be all zeros)
+PLACEMENT_TIMEOUT_S = 180.0
+
+
+# ------------------------------------------------------------------------------------------------ placement
+
+
+@dataclass
+class GroupPlacement:
+    """Where the actors of one group go: bundle ``bundle_indices[i]`` of ``pg`` for actor i (no pg: anywhere).
+    ``shared_gpu``: the GPU is shared with the other group (colocated), so weight sync can't use NCCL."""
+
+    num_gpus: float
+    num_cpus: float
+    pg: PlacementGroup | None = None
+    bundle_indices: list[int] = field(default_factory=list)
+    shared_gpu: bool = False
+
+    def options(self, i: int) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=self.bundle_indices[i])
+        return opts
+
+
+@dataclass
+class Placement:
+    mode: str  # split | colocated | cpu
+    learner: GroupPlacement
+    rollout: GroupPlacement
+    placement_groups: list[PlacementGroup] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+
+
+def _make_pg(bundles: list[dict[str, float]], what: str, fix: str) -> PlacementGroup | None:
+    """A PACKed placement group, waited for; None for no bundles."""
+    if not bundles:
+        return None
+    pg = placement_group(bundles, strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(pg)
+        raise RuntimeError(f"the placement group for {what} ({len(bundles)} bundles of {bundles[0]}) was not "
+                           f"scheduled within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster has "
+                           f"{ray.cluster_resources()}: {fix}")
+    return pg
+
+
+def make_placement(mode: Literal["colocated", "split"], *, num_learner_ranks: int, num_gpus_per_rank: float,
+                   num_rollout_workers: int, num_gpus_per_worker: float, num_cpus_per_rank: float = 1.0) -> Placement:
+    """Placement groups for the learners and rollout workers (see the module docstring). CPU-only when both GPU
+    counts are 0, whatever ``mode`` says."""
+    if mode not in ("colocated", "split"):
+        raise ValueError(f"placement mode {mode!r}: use 'colocated' or 'split'")
+    fix = "lower learner.num_ranks / rollout.num_workers, or the GPUs per rank/worker, or add nodes"
+    ranks, workers = list(range(num_learner_ranks)), list(range(num_rollout_workers))
+    if num_gpus_per_rank == 0 and num_gpus_per_worker == 0:
+        pg = _make_pg([{"CPU": CPU_TOKEN}] * num_learner_ranks, "learners", fix)
+        return Placement("cpu", GroupPlacement(0, CPU_TOKEN, pg, ranks), GroupPlacement(0, 0),
+                         [pg] if pg else [])
+    if mode == "colocated":
+        if not (0 < num_gpus_per_rank < 1 and 0 < num_gpus_per_worker < 1
+                and num_gpus_per_rank + num_gpus_per_worker <= 1):
+            raise ValueError(f"colocated placement shares one GPU between learner rank i and rollout worker i: "
+                             f"need fractions with learner.num_gpus_per_rank + rollout.num_gpus_per_worker <= 1, "
+                             f"got {num_gpus_per_rank} + {num_gpus_per_worker}")
+        bundles = [{"GPU": 1.0, "CPU": num_cpus_per_rank + 1}] * max(num_learner_ranks, num_rollout_workers)
+        pg = _make_pg(bundles, "colocated learners and rollout workers", fix)
+        return Placement("colocated", GroupPlacement(num_gpus_per_rank, num_cpus_per_rank, pg, ranks, True),
+                         GroupPlacement(num_gpus_per_worker, 1, pg, workers, True), [pg] if pg else [])
+    lpg = _make_pg([{"GPU": float(num_gpus_per_rank), "CPU": num_cpus_per_rank}] * num_learner_ranks,
+                   "learners", fix)
+    rpg = _make_pg([{"GPU": float(num_gpus_per_worker), "CPU": 1.0}] * num_rollout_workers,
+                   "rollout workers", fix)
+    return Placement("split", GroupPlacement(num_gpus_per_rank, num_cpus_per_rank, lpg, ranks),
+                     GroupPlacement(num_gpus_per_worker, 1, rpg, workers), [pg for pg in (lpg, rpg) if pg])

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -232,7 +232,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if base is None:
         return raw
     parent = _read_yaml((path.parent / str(base)), seen + (path.resolve(),))
-    return OmegaConf.merge(parent, raw)
+    merged = OmegaConf.merge(parent, raw)
+    assert isinstance(merged, DictConfig)  # a mapping merged onto a mapping
+    return merged
 
 
 def _known_keys(node: Any) -> list[str]:
@@ -278,7 +280,7 @@ def list_item_type(f: Any) -> type | None:
     if not (text.startswith("list[") and text.endswith("Config]")):
         return None
     item = globals().get(text[len("list["):-1])
-    return item if is_dataclass(item) else None
+    return item if isinstance(item, type) and is_dataclass(item) else None
 
 
 def _keys_at(dotted: str) -> list[str]:
@@ -359,7 +361,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         except OmegaConfBaseException as exc:
             raise _explain(exc, f"command-line override `{item}`") from None
     try:
-        cfg: RecipeConfig = OmegaConf.to_object(merged)  # resolves ${...} interpolations
+        cfg = cast(RecipeConfig, OmegaConf.to_object(merged))  # resolves ${...} interpolations
     except OmegaConfBaseException as exc:
         raise _explain(exc, str(path)) from None
     for i, stage in enumerate(cfg.stages):
@@ -381,7 +383,7 @@ def recipe_with(values: Mapping[str, Any] | None = None) -> RecipeConfig:
             OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as exc:
             raise _explain(exc, f"recipe key `{key}`") from None
-    cfg: RecipeConfig = OmegaConf.to_object(merged)
+    cfg = cast(RecipeConfig, OmegaConf.to_object(merged))
     return cfg
 
 
@@ -396,7 +398,7 @@ def flatten(cfg: RecipeConfig) -> dict[str, str]:
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, (dict, DictConfig)):
             for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
+                walk(v, f"{prefix}.{k!s}" if prefix else str(k))
         elif isinstance(node, (list, ListConfig)) and any(isinstance(v, (dict, DictConfig)) for v in node):
             for i, v in enumerate(node):
                 walk(v, f"{prefix}.{i}")

@@ -140,8 +140,8 @@ class SequenceBatch:
             return None if xs is None else [xs[i] for i in indices]
 
         return SequenceBatch(
-            prompt_token_ids=pick(self.prompt_token_ids),
-            response_token_ids=pick(self.response_token_ids),
+            prompt_token_ids=[self.prompt_token_ids[i] for i in indices],
+            response_token_ids=[self.response_token_ids[i] for i in indices],
             advantages=pick(self.advantages),
             old_logprobs=pick(self.old_logprobs),
             images=pick(self.images),

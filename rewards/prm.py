@@ -110,7 +110,8 @@ class ProcessRewardModel:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         self.is_vlm = hasattr(config, "vision_config")
         cls = AutoModelForImageTextToText if self.is_vlm else AutoModelForCausalLM
-        self.model = cls.from_pretrained(path, local_files_only=True, dtype=dtype).to(self.device).eval()
+        model: Any = cls.from_pretrained(path, local_files_only=True, dtype=dtype)
+        self.model = model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self._processor: Any = None
 
@@ -134,7 +135,7 @@ class ProcessRewardModel:
         if not messages:
             return ""
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         return "\n".join(str(m.get("content", "")) for m in messages) + "\n"
 
     def build_inputs(self, sample: Sample, steps: list[str], marker: str) -> tuple[list[int], list[int], Any]:
@@ -247,6 +248,6 @@ def best_of_n(samples_by_prompt: Sequence[Sequence[Sample]],
         if not group:
             raise ValueError("best_of_n: a prompt has no candidate responses")
         vals = [-math.inf if v is None else float(v) for v in scores[start:start + len(group)]]
-        chosen.append(max(range(len(vals)), key=lambda j, v=vals: (v[j], -j)))
+        chosen.append(vals.index(max(vals)))  # the first of the best
         start += len(group)
     return chosen

@@ -99,8 +99,8 @@ def check_output(label: str, out: Any) -> Outcome:
             extras[f"{label}/{key}"] = v if v is not None else 0.0
             if err:
                 errors.append(err)
-        score = extras.get(f"{label}/score", math.fsum(extras.values()))
-        return score, extras, "; ".join(errors) or None
+        total = extras.get(f"{label}/score", math.fsum(extras.values()))
+        return total, extras, "; ".join(errors) or None
     score, err = _finite(label, out)
     if err is None and isinstance(out, Verdict) and out.reason:
         err = out.reason
@@ -239,7 +239,7 @@ class WorkerPool:
         self.max_memory_mb = max_memory_mb
         self.num_restarts = 0
         self._startup_failures = 0
-        self._ctx = mp.get_context(start_method)
+        self._ctx: Any = mp.get_context(start_method)
         self._slots = [self._spawn() for _ in range(num_workers)]
         while not all(s.ready for s in self._slots):
             self._poll(deque(), [])
@@ -263,7 +263,7 @@ class WorkerPool:
     def run(self, samples: Sequence[Sample], chunk_size: int) -> list[dict[str, Outcome]]:
         """Outcomes per sample, in input order: ``[{label: (score, extras, error)}]``."""
         results: list[dict[str, Outcome]] = [{} for _ in samples]
-        items = [(i, s, frozenset()) for i, s in enumerate(samples)]
+        items: list[tuple[int, Sample, frozenset[str]]] = [(i, s, frozenset()) for i, s in enumerate(samples)]
         queue = deque(items[i:i + chunk_size] for i in range(0, len(items), max(1, chunk_size)))
         while queue or any(s.chunk for s in self._slots):
             for slot in self._slots:

@@ -50,8 +50,8 @@ def exact_match_reward(sample: Sample, *, extract: str = "auto", case_sensitive:
     """Normalised exact string match of the final answer against the gold answer(s) -> 1.0 / 0.0."""
     if extract not in ("auto", "none"):
         raise ValueError(f"exact_match: kwargs.extract={extract!r}; valid: 'auto', 'none'")
-    golds = [text_of(sample.ground_truth)] + [text_of(a) for a in (sample.metadata or {}).get("answers", [])]
-    golds = [g for g in golds if g is not None and g.strip()]
+    given = [text_of(sample.ground_truth)] + [text_of(a) for a in (sample.metadata or {}).get("answers", [])]
+    golds = [g for g in given if g is not None and g.strip()]
     if not golds:
         return None
     response = text_of(sample.response)

@@ -114,3 +114,13 @@ def test_files_stay_within_the_line_budget() -> None:
             if n > MAX_LINES:
                 long.append(f"{path.relative_to(ROOT)}: {n} lines")
     assert not long, f"files over {MAX_LINES} lines (split them by responsibility):\n" + "\n".join(long)
+
+
+def test_ci_runs_lint_and_types_before_the_tests() -> None:
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    lint, types, tests = (script.index(s) for s in ("ruff check", "-m mypy", "-m pytest"))
+    assert lint < tests and types < tests
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"mypy==' in pyproject and "[tool.mypy]" in pyproject
+    for target in ("cascade_rl/algos", "rewards", "cascade_rl/stages", "cascade_rl/config.py"):
+        assert f'"{target}"' in pyproject.split("[tool.mypy]")[1].split("[tool.")[0], target

@@ -266,5 +266,6 @@ def compute_response_logprobs(
     token_lp = compute_token_logprobs(
         logits[:, :-1], input_ids[:, 1:], chunk_size=chunk_size, temperature=temperature
     )  # (B, L-1): entry t is log p(input_ids[:, t+1])
+    assert isinstance(token_lp, Tensor)  # no entropy asked for
     # response token j is input position p+j, whose log-prob is token_lp[:, p+j-1]
     return gather_response(token_lp, prompt_lengths - 1, response_lengths)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from ..data.prompts import PromptItem
 from ..seeding import derive_seed
@@ -21,7 +21,7 @@ class Encoder:
         self.eos = self.tokenizer.eos_token_id
 
     def prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
@@ -44,8 +44,8 @@ def pair_batch(pairs: list[PreferencePair]) -> PairBatch:
     return PairBatch(prompt_token_ids=[p.prompt_token_ids for p in pairs],
                      chosen_token_ids=[p.chosen_token_ids for p in pairs],
                      rejected_token_ids=[p.rejected_token_ids for p in pairs],
-                     ref_chosen_logps=[p.ref_chosen_logp for p in pairs] if has_ref else None,
-                     ref_rejected_logps=[p.ref_rejected_logp for p in pairs] if has_ref else None,
+                     ref_chosen_logps=[cast(float, p.ref_chosen_logp) for p in pairs] if has_ref else None,
+                     ref_rejected_logps=[cast(float, p.ref_rejected_logp) for p in pairs] if has_ref else None,
                      images=[p.images for p in pairs] if any(p.images for p in pairs) else None)
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -84,7 +85,7 @@ def _start(cfg: RecipeConfig, run_dir: Path) -> RunContext:
 
     model_path = str(resolve_model_path(cfg.model.path))
     d = cfg.data
-    keys = dict(id_key=d.id_key, prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
+    keys: dict[str, Any] = dict(id_key=d.id_key, prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
                 system_prompt=d.system_prompt, tokenizer=AutoTokenizer.from_pretrained(model_path),
                 max_prompt_tokens=cfg.model.max_prompt_tokens)
     train = load_prompts(resolve_data_path(d.train, run_dir / "data"), **keys)
@@ -96,7 +97,7 @@ def _start(cfg: RecipeConfig, run_dir: Path) -> RunContext:
     run_state.mlflow_run_id = tracker.start(cfg.tracking.run_name or cfg.name, tags, run_state.mlflow_run_id)
     run_state.save(run_dir)
     tracker.log_params(redact(flatten(cfg)))  # secrets never reach MLflow
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    resolved: Any = OmegaConf.to_container(OmegaConf.structured(cfg))
     tracker.log_text(OmegaConf.to_yaml(redact(resolved)), "recipe/resolved.yaml")
     init_ray(cfg)
     learners, rollout, rewards, is_vlm = build_groups(cfg, model_path)

@@ -52,7 +52,8 @@ class DriverState:
         import torch
 
         version, internal, gauss = random.getstate()
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        np_state: Any = np.random.get_state()  # the legacy 5-tuple
+        kind, keys, pos, has_gauss, cached = np_state
         self.rng = {"python": [version, list(internal), gauss],
                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
                     "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ..config import ModelConfig, RecipeConfig, recipe_with
 
@@ -55,7 +55,7 @@ def spec_sources(spec_cls: type) -> dict[str, str]:
     declared = {"model": {f.name for f in fields(ModelConfig)},
                 section: {f.name for f in fields(type(getattr(RecipeConfig(), section)))}}
     out: dict[str, str] = {}
-    for f in fields(spec_cls):
+    for f in fields(cast(Any, spec_cls)):
         owners = [sec for sec, names in declared.items() if f.name in names]
         assert len(owners) <= 1, f"{spec_cls.__name__}.{f.name} is declared in {owners}: rename one"
         if owners:
@@ -74,7 +74,7 @@ def spec_with(spec_cls: type[S], model_path: str, **values: Any) -> S:
     are type-checked as in a recipe file, derived ones default to seed 0, a text model and one schedule step."""
     sources = spec_sources(spec_cls)
     derived = {"seed": 0, "is_vlm": False, "total_steps": 1}
-    derived = {k: v for k, v in derived.items() if k in {f.name for f in fields(spec_cls)}}
+    derived = {k: v for k, v in derived.items() if k in {f.name for f in fields(cast(Any, spec_cls))}}
     derived.update({k: v for k, v in values.items() if k not in sources})
     cfg = recipe_with({sources[k]: v for k, v in values.items() if k in sources})
     return build_spec(spec_cls, cfg, model_path=str(model_path), **derived)

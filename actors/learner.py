@@ -62,7 +62,7 @@ from cascade_rl.algos.packing import (
 )
 from cascade_rl.algos.policy_loss import TOKEN_WEIGHTED_METRICS, compute_policy_loss
 from cascade_rl.seeding import derive_seed
-from cascade_rl.types import PairBatch, SequenceBatch
+from cascade_rl.types import PairBatch, SequenceBatch, WorkerSpec
 
 from .faults import is_memory_text, learner_oom_message
 from .learner_batches import (
@@ -86,13 +86,9 @@ LossFn = Callable[[MicroBatch, list[Tensor], list[Tensor]], tuple[Tensor, Metric
 
 
 @dataclass
-class LearnerSpec:
-    """What one learner rank needs: recipe fields of ``model.*`` / ``learner.*`` under the same names (documented in
-    ``cascade_rl/config.py``, no defaults here), plus what the driver derives. Built by ``stages/workers.py``."""
+class LearnerSpec(WorkerSpec):
+    """What one learner rank needs: ``WorkerSpec`` + the fields of ``model.*`` / ``learner.*`` of the same names."""
 
-    model_path: str  # derived: the policy folder this stage starts from
-    seed: int  # derived: the recipe's seed
-    is_vlm: bool  # derived: the model folder has a vision config
     total_steps: int  # derived: optimizer steps of the first schedule (``set_lr`` starts each stage's)
     dtype: str
     zero_stage: int

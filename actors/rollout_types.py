@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cascade_rl.types import Generation
+from cascade_rl.types import Generation, WorkerSpec
 
 PromptInput = tuple[list[dict[str, Any]], list[str]]  # (chat messages, image file paths)
 
@@ -19,13 +19,9 @@ class RolloutEngineError(RuntimeError):
 
 
 @dataclass
-class RolloutSpec:
-    """What a rollout worker needs: recipe fields of ``model.*`` / ``rollout.*`` under the same names (documented in
-    ``cascade_rl/config.py``, no defaults here), plus what the driver derives. Built by ``stages/workers.py``."""
+class RolloutSpec(WorkerSpec):
+    """What a rollout worker needs: ``WorkerSpec`` + the fields of ``model.*`` / ``rollout.*`` of the same names."""
 
-    model_path: str  # derived: the policy folder this stage starts from
-    seed: int  # derived: the recipe's seed
-    is_vlm: bool  # derived: the model folder has a vision config
     backend: str
     dtype: str
     max_response_tokens: int

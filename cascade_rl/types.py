@@ -161,3 +161,13 @@ class PairBatch:
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids)
+
+
+@dataclass
+class WorkerSpec:
+    """What every worker spec holds besides its recipe fields (which keep the names, defaults and docs of
+    ``cascade_rl/config.py``; no defaults here). Specs are built from the recipe by ``stages/workers.py``."""
+
+    model_path: str  # derived: the policy folder this stage starts from
+    seed: int  # derived: the recipe's seed
+    is_vlm: bool  # derived: the model folder has a vision config

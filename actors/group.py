@@ -31,7 +31,7 @@ from typing import Any
 import ray
 
 from cascade_rl.seeding import derive_seed
-from cascade_rl.types import PairBatch, RewardResult, Sample, SequenceBatch
+from cascade_rl.types import PairBatch, RewardResult, RewardTermConfig, Sample, SequenceBatch
 
 from .faults import (
     LearnerFailedError,
@@ -43,7 +43,7 @@ from .faults import (
 )
 from .learner import LearnerSpec  # noqa: F401  (re-exported: the driver builds specs through the group API)
 from .placement import CPU_TOKEN, GroupPlacement, Placement, make_placement  # noqa: F401  (group API)
-from .reward import RewardSpec, RewardTermSpec, RewardWorker
+from .reward import RewardSpec, RewardWorker
 from .rollout import GenerateResult, PromptInput, RolloutSpec, RolloutWorker, as_prompt_input
 from .weight_sync import DEFAULT_BUCKET_MB, WeightSender, find_free_port, node_ip
 
@@ -409,9 +409,9 @@ class RolloutGroup:
 class RewardGroup:
     """``num_workers`` reward actors (0 CPUs each, see module docstring); ``score`` keeps the sample order."""
 
-    def __init__(self, terms: list[RewardTermSpec], timeout_s: float, num_workers: int, correct_threshold: float, *,
+    def __init__(self, terms: list[RewardTermConfig], timeout_s: float, num_workers: int, correct_threshold: float, *,
                  num_processes: int = 1, max_restarts: int = 3) -> None:
-        self.spec = RewardSpec(terms=[tuple(t) for t in terms], timeout_s=timeout_s,
+        self.spec = RewardSpec(terms=list(terms), timeout_s=timeout_s,
                                correct_threshold=correct_threshold, num_processes=num_processes)
         self.max_restarts = max_restarts
         self.num_restarts = 0

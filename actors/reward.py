@@ -12,16 +12,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cascade_rl.types import RewardResult, Sample
-
-RewardTermSpec = tuple[str, float, dict[str, Any]]  # (registered name or pkg.module:function, weight, kwargs)
+from cascade_rl.types import RewardResult, RewardTermConfig, Sample
 
 
 @dataclass
 class RewardSpec:
     """What a reward worker needs from ``reward.*`` of the recipe."""
 
-    terms: list[RewardTermSpec]
+    terms: list[RewardTermConfig]
     timeout_s: float = 5.0
     correct_threshold: float = 0.5
     num_processes: int = 1  # scorer processes inside one worker (RewardScorer's num_workers)
@@ -37,7 +35,7 @@ class RewardWorker:
         if not spec.terms:
             raise ValueError("reward.terms is empty: name at least one reward, e.g. `[{name: math_verify}]`")
         self.spec = spec
-        self.scorer = RewardScorer([tuple(t) for t in spec.terms], timeout_s=spec.timeout_s,
+        self.scorer = RewardScorer(list(spec.terms), timeout_s=spec.timeout_s,
                                    num_workers=spec.num_processes, correct_threshold=spec.correct_threshold,
                                    **spec.extra)
         self.num_scored = 0

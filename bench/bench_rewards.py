@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from cascade_rl.rewards import RewardScorer  # noqa: E402
 from cascade_rl.rewards.math_verify_reward import math_verify_reward  # noqa: E402
 
-from cascade_rl.types import Sample  # noqa: E402
+from cascade_rl.types import RewardTermConfig, Sample  # noqa: E402
 
 
 def make_samples(n: int, seed: int, group: int = 4) -> list[Sample]:
@@ -72,11 +72,11 @@ def run(num_samples: int, num_workers: int, repeats: int, timeout_s: float) -> d
     for s in warm:
         math_verify_reward(s)
     serial_s, serial = _timed(lambda xs: [float(math_verify_reward(s) or 0.0) for s in xs], sets)
-    with RewardScorer([("math_verify", 1.0, {})], timeout_s=timeout_s, num_workers=0) as scorer:
+    with RewardScorer([RewardTermConfig("math_verify", 1.0, {})], timeout_s=timeout_s, num_workers=0) as scorer:
         scorer.score(warm)
         inproc_s, inproc = _timed(lambda xs: [r.total for r in scorer.score(xs)], sets)
     t0 = time.perf_counter()
-    with RewardScorer([("math_verify", 1.0, {})], timeout_s=timeout_s, num_workers=num_workers) as scorer:
+    with RewardScorer([RewardTermConfig("math_verify", 1.0, {})], timeout_s=timeout_s, num_workers=num_workers) as scorer:
         startup_s = time.perf_counter() - t0
         scorer.score(warm * num_workers)
         pool_s, pool = _timed(lambda xs: [r.total for r in scorer.score(xs)], sets)

@@ -19,6 +19,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from cascade_rl.types import RewardTermConfig  # the one reward-term type, recipe to scorer
+
 
 def doc(default: Any = MISSING, text: str = "", factory: Any = None) -> Any:
     """A dataclass field with a one-line description kept in its metadata."""
@@ -70,13 +72,6 @@ class RolloutConfig:
     placement: Literal["split", "colocated"] = doc(
         "split", "split: learners and rollout workers on separate GPUs; colocated: learner rank i and rollout "
         "worker i share GPU i (set fractional num_gpus_per_rank/num_gpus_per_worker and sleep_when_idle)")
-
-
-@dataclass
-class RewardTermConfig:
-    name: str = doc(MISSING, "registered reward name or pkg.module:function")
-    weight: float = doc(1.0, "weight of this term in the total reward")
-    kwargs: dict[str, Any] = doc(text="keyword arguments passed to the reward", factory=dict)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cascade_rl.types import RewardResult, Sample
+from cascade_rl.types import RewardResult, RewardTermConfig, Sample
 
 TOLERANCE = 1e-6
 _MISSING = object()
@@ -108,7 +108,7 @@ def cmd_rewards_check(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        scorer = RewardScorer([(args.reward, 1.0, kwargs)], timeout_s=args.timeout, num_workers=args.workers)
+        scorer = RewardScorer([RewardTermConfig(args.reward, 1.0, kwargs)], timeout_s=args.timeout, num_workers=args.workers)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

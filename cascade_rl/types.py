@@ -171,3 +171,13 @@ class WorkerSpec:
     model_path: str  # derived: the policy folder this stage starts from
     seed: int  # derived: the recipe's seed
     is_vlm: bool  # derived: the model folder has a vision config
+
+
+@dataclass
+class RewardTermConfig:
+    """One weighted reward term: the type of the recipe's ``reward.terms`` items, handed unchanged through the
+    reward group and worker to the scorer (``rewards.registry.resolve_terms`` turns it into a callable term)."""
+
+    name: str = field(metadata={"doc": "registered reward name or pkg.module:function"})
+    weight: float = field(default=1.0, metadata={"doc": "weight of this term in the total reward"})
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata={"doc": "keyword arguments passed to the reward"})

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cascade_rl.types import RewardTermConfig
+
 RewardFn = Callable[..., Any]
 
 _REGISTRY: dict[str, RewardFn] = {}
@@ -169,17 +171,17 @@ def _importable_ref(fn: RewardFn) -> str:
     return f"{module}:{qualname}" if target is fn else ""
 
 
-def resolve_terms(terms: list[tuple[str, float, dict[str, Any]]]) -> list[RewardTerm]:
-    """Resolve ``(name or module:function, weight, kwargs)`` triples; errors name ``reward.terms.<i>.*``.
+def resolve_terms(terms: list[RewardTermConfig]) -> list[RewardTerm]:
+    """Resolve the recipe's reward terms (name or module:function, weight, kwargs); errors name ``reward.terms.<i>.*``.
 
     Labels are the registered name (or the function name of a reference), suffixed ``_2``, ``_3``... when a
     reward appears more than once.
     """
     out: list[RewardTerm] = []
     for i, term in enumerate(terms):
-        if not isinstance(term, (tuple, list)) or len(term) != 3:
-            raise ValueError(f"reward.terms.{i}: expected (name, weight, kwargs), got {term!r}")
-        spec, weight, kwargs = term
+        if not isinstance(term, RewardTermConfig):
+            raise ValueError(f"reward.terms.{i}: expected a RewardTermConfig(name, weight, kwargs), got {term!r}")
+        spec, weight, kwargs = term.name, term.weight, term.kwargs
         try:
             fn = get_reward(spec)
         except RewardLookupError as exc:

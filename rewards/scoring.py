@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from cascade_rl.types import RewardResult, Sample
+from cascade_rl.types import RewardResult, RewardTermConfig, Sample
 
 from .registry import RewardTerm, resolve_terms
 from .safe import Outcome, WorkerPool, run_terms
@@ -45,12 +45,12 @@ def combine(terms: Sequence[RewardTerm], outcomes: dict[str, Outcome], correct_t
 class RewardScorer:
     """Scores ``Sample``s with weighted reward terms; a plain class the Ray reward actor wraps.
 
-    ``terms`` are ``(registered name or pkg.module:function, weight, kwargs)``; ``timeout_s`` limits every
+    ``terms`` are the recipe's ``RewardTermConfig``s (name or pkg.module:function, weight, kwargs); ``timeout_s`` limits every
     reward call (a batched call gets ``timeout_s`` per sample); ``chunk_size`` samples go to a worker at a time
     (default: the batch split four ways per worker, at most 64).
     """
 
-    def __init__(self, terms: Sequence[tuple[str, float, dict[str, Any]]], *, timeout_s: float = 5.0,
+    def __init__(self, terms: Sequence[RewardTermConfig], *, timeout_s: float = 5.0,
                  num_workers: int = 1, correct_threshold: float = 0.5, chunk_size: int | None = None,
                  grace_s: float | None = None, start_method: str = "spawn", max_memory_mb: int | None = None) -> None:
         if not terms:

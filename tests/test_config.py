@@ -186,3 +186,21 @@ def test_worker_specs_are_derived_from_the_recipe_in_one_place() -> None:
         spec = learner if key.split(".")[0] == "learner" else rollout
         assert getattr(spec, key.split(".")[1]) == value, key
     assert learner.dtype == rollout.dtype == "bfloat16"
+
+
+def test_reward_terms_keep_one_type_from_recipe_to_scorer(tmp_path: Path) -> None:
+    from cascade_rl.actors.reward import RewardSpec, RewardWorker
+    from cascade_rl.rewards import resolve_terms
+    from cascade_rl.types import RewardTermConfig, Sample
+
+    path = _write(tmp_path, "r.yaml", "stages: [{kind: sft}]\n"
+                  "reward: {terms: [{name: exact_match, weight: 2.0}, {name: format, weight: 0.5}]}\n")
+    terms = load_recipe(path).reward.terms
+    assert all(type(t) is RewardTermConfig for t in terms)
+    worker = RewardWorker(RewardSpec(terms=terms, num_processes=0))  # what the reward group hands its actors
+    assert [(t.spec, t.weight) for t in worker.scorer.terms] == [("exact_match", 2.0), ("format", 0.5)]
+    (res,) = worker.score([Sample(prompt=[], response="7", ground_truth="7")])
+    assert res.components["exact_match"] == 1.0
+    with pytest.raises(ValueError, match=r"reward\.terms\.0: expected a RewardTermConfig"):
+        resolve_terms([("exact_match", 1.0, {})])  # the old triple form is gone
+    worker.close()

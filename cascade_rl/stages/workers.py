@@ -98,7 +98,6 @@ def build_groups(cfg: RecipeConfig, model_path: str) -> tuple[Any, Any, Any, boo
                                num_rollout_workers=r.num_workers, num_gpus_per_worker=r.num_gpus_per_worker)
     learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank, placement=placement.learner)
     rollout = RolloutGroup(rollout_spec, r.num_workers, r.num_gpus_per_worker, placement=placement.rollout)
-    terms = [(t.name, t.weight, dict(t.kwargs)) for t in cfg.reward.terms]
-    rewards = RewardGroup(terms, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
+    rewards = RewardGroup(list(cfg.reward.terms), timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
                           correct_threshold=cfg.reward.correct_threshold)
     return learners, rollout, rewards, vlm  # placement groups go with the job

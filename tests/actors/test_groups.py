@@ -20,7 +20,7 @@ from cascade_rl.actors.group import (
     split_evenly,
 )
 
-from cascade_rl.types import Sample
+from cascade_rl.types import RewardTermConfig, Sample
 
 G = 4
 
@@ -98,7 +98,7 @@ def test_reward_group_scores_in_order_and_survives_a_dead_worker(ray_session: No
                                                                  prompts: list) -> None:
     import ray
 
-    rewards = RewardGroup([("exact_match", 1.0, {}), ("math_verify", 0.5, {})], timeout_s=5.0, num_workers=2,
+    rewards = RewardGroup([RewardTermConfig("exact_match", 1.0, {}), RewardTermConfig("math_verify", 0.5, {})], timeout_s=5.0, num_workers=2,
                           correct_threshold=0.5)
     try:
         samples = [Sample(prompt=prompts[g.prompt_index][0], response=g.text, ground_truth="987654321")

@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from cascade_rl.types import RewardTermConfig
+
 pytestmark = pytest.mark.slow
 
 NUM_PROMPTS, N = 8, 2
@@ -121,7 +123,7 @@ def rewards(ray_session: None) -> Iterator[Any]:
     from cascade_rl.actors.group import RewardGroup
 
     # num_processes=0: scored inside the actor (no pool process to start), so the tests stay quick
-    group = RewardGroup([("fault_rewards:index_stall_once", 1.0, {})], timeout_s=60.0, num_workers=2,
+    group = RewardGroup([RewardTermConfig("fault_rewards:index_stall_once", 1.0, {})], timeout_s=60.0, num_workers=2,
                         correct_threshold=0.5, num_processes=0)
     yield group
     group.shutdown()
@@ -168,7 +170,7 @@ def test_a_reward_worker_that_dies_on_every_try_gives_a_clear_error(ray_session:
     from cascade_rl.types import Sample
 
     # num_processes=0 scores inside the actor, so the reward's os._exit ends the actor itself
-    rewards = RewardGroup([("fault_rewards:exit_process", 1.0, {})], timeout_s=5.0, num_workers=1,
+    rewards = RewardGroup([RewardTermConfig("fault_rewards:exit_process", 1.0, {})], timeout_s=5.0, num_workers=1,
                           correct_threshold=0.5, num_processes=0, max_restarts=1)
     try:
         with pytest.raises(WorkersKeepDyingError, match=r"reward workers \(terms \['fault_rewards:exit_process'\]\): "

@@ -11,7 +11,7 @@ import torch
 from cascade_rl.rewards import RewardScorer, best_of_n
 from cascade_rl.rewards.prm import aggregate_scores, load_prm, prm_reward, split_steps
 
-from cascade_rl.types import Sample
+from cascade_rl.types import RewardTermConfig, Sample
 
 PROMPT = [{"role": "user", "content": "What is 12+7?"}]
 RESPONSES = ["12+7=19\n\nThe answer is 19.", "12+7=20\nso 20", "19"]
@@ -95,7 +95,7 @@ def test_loads_a_saved_checkpoint_folder_and_refuses_non_local(tiny_lm: Path, tm
 
 def test_prm_in_a_worker_process_and_best_of_n(tiny_lm: Path) -> None:
     kwargs = {"model_path": str(tiny_lm), "aggregate": "mean"}
-    with RewardScorer([("prm", 1.0, kwargs)], timeout_s=30, num_workers=1) as scorer:
+    with RewardScorer([RewardTermConfig("prm", 1.0, kwargs)], timeout_s=30, num_workers=1) as scorer:
         results = scorer.score(_samples())
     expected = prm_reward(_samples(), **kwargs)
     assert [r.components["prm"] for r in results] == pytest.approx(expected, abs=1e-6)

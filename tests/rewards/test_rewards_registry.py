@@ -7,7 +7,7 @@ import pytest
 from cascade_rl.rewards import RewardLookupError, get_reward, list_rewards, register_reward, resolve_terms
 from cascade_rl.rewards.registry import _REGISTRY
 
-from cascade_rl.types import Sample
+from cascade_rl.types import RewardTermConfig, Sample
 
 BUILTINS = {"math_verify", "choice", "exact_match", "format", "boxed_format", "length_penalty", "prm",
             "contains_answer"}
@@ -24,7 +24,7 @@ def test_importing_the_package_registers_the_builtins() -> None:
 def test_external_module_function_reference_works() -> None:
     fn = get_reward("my_ext_reward:shout")
     assert fn(Sample(prompt=[], response="YES"), bonus=0.5) == 1.5
-    with rewards.RewardScorer([("my_ext_reward:shout", 2.0, {"bonus": 0.25})], num_workers=1) as scorer:
+    with rewards.RewardScorer([RewardTermConfig("my_ext_reward:shout", 2.0, {"bonus": 0.25})], num_workers=1) as scorer:
         (res,) = scorer.score([Sample(prompt=[], response="LOUD")])
     assert res.components == {"shout": 1.25} and res.total == 2.5  # 2.0 * (1 + 0.25)
 
@@ -71,13 +71,13 @@ def test_bad_references_explain(spec: str, why: str) -> None:
 
 
 def test_resolve_terms_labels_and_errors_name_the_key() -> None:
-    terms = resolve_terms([("math_verify", 1, {}), ("math_verify", 0.5, {"mode": "boxed"}),
-                           ("my_ext_reward:shout", 1.0, {})])
+    terms = resolve_terms([RewardTermConfig("math_verify", 1, {}), RewardTermConfig("math_verify", 0.5, {"mode": "boxed"}),
+                           RewardTermConfig("my_ext_reward:shout", 1.0, {})])
     assert [t.label for t in terms] == ["math_verify", "math_verify_2", "shout"]
     assert terms[0].ref == "cascade_rl.rewards.math_verify_reward:math_verify_reward"
     with pytest.raises(RewardLookupError, match=r"reward\.terms\.1\.name: unknown reward 'nope'"):
-        resolve_terms([("format", 1.0, {}), ("nope", 1.0, {})])
+        resolve_terms([RewardTermConfig("format", 1.0, {}), RewardTermConfig("nope", 1.0, {})])
     with pytest.raises(ValueError, match=r"reward\.terms\.0\.weight"):
-        resolve_terms([("format", "heavy", {})])
+        resolve_terms([RewardTermConfig("format", "heavy", {})])
     with pytest.raises(ValueError, match=r"reward\.terms\.0\.kwargs"):
-        resolve_terms([("format", 1.0, [1])])
+        resolve_terms([RewardTermConfig("format", 1.0, [1])])

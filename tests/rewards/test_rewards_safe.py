@@ -9,7 +9,7 @@ import time
 import pytest
 from cascade_rl.rewards import RewardScorer, Verdict, call_reward, check_output
 
-from cascade_rl.types import Sample
+from cascade_rl.types import RewardTermConfig, Sample
 
 ADVERSARIAL = {
     "power tower": "\\boxed{9^{9^{9^{9}}}}",
@@ -40,7 +40,7 @@ def test_thousand_samples_survive_raise_hang_nan_crash_in_order() -> None:
     samples = [Sample(prompt=[], response=f"\\boxed{{{i}}}", ground_truth=str(i),
                       metadata={"index": i, "mode": modes.get(i)}) for i in range(1000)]
     t0 = time.monotonic()
-    with RewardScorer([("my_ext_reward:index_echo", 1.0, {}), ("math_verify", 0.5, {})],
+    with RewardScorer([RewardTermConfig("my_ext_reward:index_echo", 1.0, {}), RewardTermConfig("math_verify", 0.5, {})],
                       timeout_s=0.5, num_workers=2, grace_s=0.5) as scorer:
         results = scorer.score(samples)
         restarts = scorer._pool.num_restarts  # type: ignore[union-attr]
@@ -65,7 +65,7 @@ def test_thousand_samples_survive_raise_hang_nan_crash_in_order() -> None:
 
 def test_batched_terms_and_wrong_lengths() -> None:
     samples = [Sample(prompt=[], response="x" * n) for n in range(5)]
-    with RewardScorer([("my_ext_reward:batched_len", 0.5, {}), ("my_ext_reward:batched_wrong_length", 1.0, {})],
+    with RewardScorer([RewardTermConfig("my_ext_reward:batched_len", 0.5, {}), RewardTermConfig("my_ext_reward:batched_wrong_length", 1.0, {})],
                       num_workers=1, chunk_size=2) as scorer:
         results = scorer.score(samples)
     assert [r.components["batched_len"] for r in results] == [0.0, 1.0, 2.0, 3.0, 4.0]
@@ -76,7 +76,7 @@ def test_batched_terms_and_wrong_lengths() -> None:
 
 def test_in_process_mode_catches_errors_and_times_out_on_the_main_thread() -> None:
     samples = [Sample(prompt=[], response="A", metadata={"index": 0, "mode": m}) for m in (None, "raise", "sleep")]
-    with RewardScorer([("my_ext_reward:index_echo", 1.0, {})], timeout_s=0.3, num_workers=0) as scorer:
+    with RewardScorer([RewardTermConfig("my_ext_reward:index_echo", 1.0, {})], timeout_s=0.3, num_workers=0) as scorer:
         t0 = time.monotonic()
         ok, raised, slept = scorer.score(samples)
         assert time.monotonic() - t0 < 1.5
@@ -85,7 +85,7 @@ def test_in_process_mode_catches_errors_and_times_out_on_the_main_thread() -> No
 
 
 def test_none_means_not_applicable_and_verdict_reasons_are_kept() -> None:
-    with RewardScorer([("math_verify", 1.0, {}), ("format", 0.25, {})], num_workers=0) as scorer:
+    with RewardScorer([RewardTermConfig("math_verify", 1.0, {}), RewardTermConfig("format", 0.25, {})], num_workers=0) as scorer:
         no_gold, bad = scorer.score([Sample(prompt=[], response="<think>a</think>\\boxed{2}"),
                                      Sample(prompt=[], response="nothing", ground_truth="2")])
     assert no_gold.components == {"format": 1.0} and no_gold.total == 0.25 and no_gold.correct is None
@@ -94,7 +94,7 @@ def test_none_means_not_applicable_and_verdict_reasons_are_kept() -> None:
 
 
 def test_non_sample_inputs_cost_only_themselves() -> None:
-    with RewardScorer([("contains_answer", 1.0, {})], num_workers=0) as scorer:
+    with RewardScorer([RewardTermConfig("contains_answer", 1.0, {})], num_workers=0) as scorer:
         good, bad = scorer.score([Sample(prompt=[], response="it is 42", ground_truth="42"), {"response": "42"}])
     assert good.total == 1.0 and bad.total == 0.0 and "expected a cascade_rl.types.Sample" in bad.errors["contains_answer"]
 
@@ -123,8 +123,8 @@ def test_scorer_argument_errors_and_closed_scorer() -> None:
     with pytest.raises(ValueError, match="reward.terms is empty"):
         RewardScorer([], num_workers=0)
     with pytest.raises(ValueError, match="timeout_s"):
-        RewardScorer([("format", 1.0, {})], timeout_s=0, num_workers=0)
-    scorer = RewardScorer([("format", 1.0, {})], num_workers=1)
+        RewardScorer([RewardTermConfig("format", 1.0, {})], timeout_s=0, num_workers=0)
+    scorer = RewardScorer([RewardTermConfig("format", 1.0, {})], num_workers=1)
     scorer.close()
     scorer.close()
     with pytest.raises(RuntimeError, match="after close"):

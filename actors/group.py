@@ -426,7 +426,7 @@ class RewardGroup:
             a, b = slices[i]
             return self.workers[i].score.remote(samples[a:b])
 
-        what = f"reward workers (terms {[t[0] for t in self.spec.terms]})"
+        what = f"reward workers (terms {[t.name for t in self.spec.terms]})"
         parts = gather_with_restarts([call(i) for i in range(len(self.workers))], call, self.restart_worker,
                                      self.max_restarts, what)
         return [r for part in parts for r in part]

@@ -17,11 +17,11 @@ from cascade_rl.types import RewardResult, RewardTermConfig, Sample
 
 @dataclass
 class RewardSpec:
-    """What a reward worker needs from ``reward.*`` of the recipe."""
+    """What a reward worker needs from ``reward.*`` of the recipe (defaults and docs live in ``config.py``)."""
 
     terms: list[RewardTermConfig]
-    timeout_s: float = 5.0
-    correct_threshold: float = 0.5
+    timeout_s: float
+    correct_threshold: float
     num_processes: int = 1  # scorer processes inside one worker (RewardScorer's num_workers)
     extra: dict[str, Any] = field(default_factory=dict)  # further RewardScorer keyword arguments
 

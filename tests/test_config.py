@@ -191,13 +191,16 @@ def test_worker_specs_are_derived_from_the_recipe_in_one_place() -> None:
 def test_reward_terms_keep_one_type_from_recipe_to_scorer(tmp_path: Path) -> None:
     from cascade_rl.actors.reward import RewardSpec, RewardWorker
     from cascade_rl.rewards import resolve_terms
+
     from cascade_rl.types import RewardTermConfig, Sample
 
     path = _write(tmp_path, "r.yaml", "stages: [{kind: sft}]\n"
                   "reward: {terms: [{name: exact_match, weight: 2.0}, {name: format, weight: 0.5}]}\n")
-    terms = load_recipe(path).reward.terms
+    reward = load_recipe(path).reward
+    terms = reward.terms
     assert all(type(t) is RewardTermConfig for t in terms)
-    worker = RewardWorker(RewardSpec(terms=terms, num_processes=0))  # what the reward group hands its actors
+    worker = RewardWorker(RewardSpec(terms=terms, timeout_s=reward.timeout_s,
+                                     correct_threshold=reward.correct_threshold, num_processes=0))  # what the reward group hands its actors
     assert [(t.spec, t.weight) for t in worker.scorer.terms] == [("exact_match", 2.0), ("format", 0.5)]
     (res,) = worker.score([Sample(prompt=[], response="7", ground_truth="7")])
     assert res.components["exact_match"] == 1.0

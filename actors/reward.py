@@ -24,6 +24,7 @@ class RewardSpec:
     terms: list[RewardTermSpec]
     timeout_s: float = 5.0
     correct_threshold: float = 0.5
+    correct_term: str | None = None  # the term deciding `correct` (None: the first)
     num_processes: int = 1  # scorer processes inside one worker (RewardScorer's num_workers)
     extra: dict[str, Any] = field(default_factory=dict)  # further RewardScorer keyword arguments
 
@@ -39,7 +40,7 @@ class RewardWorker:
         self.spec = spec
         self.scorer = RewardScorer([tuple(t) for t in spec.terms], timeout_s=spec.timeout_s,
                                    num_workers=spec.num_processes, correct_threshold=spec.correct_threshold,
-                                   **spec.extra)
+                                   correct_term=spec.correct_term, **spec.extra)
         self.num_scored = 0
         self.score_s = 0.0
 

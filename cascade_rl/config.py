@@ -81,7 +81,9 @@ class RewardConfig:
                                         factory=lambda: [RewardTermConfig(name="math_verify")])
     num_workers: int = doc(1, "reward worker actors")
     timeout_s: float = doc(5.0, "time limit per reward call (seconds)")
-    correct_threshold: float = doc(0.5, "a sample counts as correct when the first term's score is above this")
+    correct_threshold: float = doc(0.5, "a sample counts as correct when the correct_term's score is above this")
+    correct_term: str | None = doc(None, "the term (its name in reward.terms) whose score decides `correct` for "
+                                         "pairs, pass rates and eval accuracy; default: the first term")
 
 
 @dataclass
@@ -377,6 +379,10 @@ def validate(cfg: RecipeConfig) -> list[str]:
         p.append(f"model.max_response_tokens={cfg.model.max_response_tokens}: must be >= 1")
     if not cfg.reward.terms:
         p.append("reward.terms is empty: name at least one reward, e.g. `[{name: math_verify}]`")
+    names = [t.name for t in cfg.reward.terms]
+    if cfg.reward.correct_term is not None and cfg.reward.correct_term not in names:
+        p.append(f"reward.correct_term={cfg.reward.correct_term!r} names none of reward.terms {names}; set it to "
+                 "one of those names (or leave it out: the first term decides `correct`)")
     if cfg.reward.timeout_s <= 0:
         p.append(f"reward.timeout_s={cfg.reward.timeout_s}: must be > 0 seconds")
     p.extend(_range_checks(cfg))

@@ -68,5 +68,5 @@ def build_groups(cfg: RecipeConfig, model_path: str):
     rollout = RolloutGroup(rollout_spec, r.num_workers, r.num_gpus_per_worker, placement=placement.rollout)
     terms = [(t.name, t.weight, dict(t.kwargs)) for t in cfg.reward.terms]
     rewards = RewardGroup(terms, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
-                          correct_threshold=cfg.reward.correct_threshold)
+                          correct_threshold=cfg.reward.correct_threshold, correct_term=cfg.reward.correct_term)
     return learners, rollout, rewards, vlm  # placement groups go with the job

@@ -381,6 +381,11 @@ class LearnerWorker:
         self._schedule_step = 0
         self._apply_lr()
 
+    def skip_lr_steps(self, num_steps: int) -> None:
+        """Advance the schedule by ``num_steps`` updates that were not run (a gspo mini-batch left empty)."""
+        self._schedule_step += int(num_steps)
+        self._apply_lr()
+
     # ------------------------------------------------------------------ checkpoints and export
 
     def save_checkpoint(self, folder: str, client_state: dict) -> None:

@@ -166,3 +166,50 @@ def test_gspo_resumed_from_a_checkpoint_runs_the_remaining_steps_only(tmp_path: 
     logs = tmp_path / "ref" / "rollouts" / "gspo"
     assert len(list(logs.glob("shard-*.parquet"))) == 4
     assert len(list((logs.parent / "gspo.superseded").rglob("shard-*.parquet"))) == 2
+
+
+# ------------------------------------------------------------------ offline stages and the shared step counter
+
+
+def test_sft_steps_counters_and_checkpoints(tmp_path: Path):
+    # 5 prompts, batch 2, 2 epochs -> 3 batches per epoch (2, 2, 1) = 6 steps; checkpoints every 2 steps at
+    # steps 2 and 4 (the last step's checkpoint is the driver's, after the stage)
+    from cascade_rl.config import SFTConfig
+    from cascade_rl.stages.sft import run_sft
+
+    stage = StageConfig(kind="sft", name="sft", sft=SFTConfig(epochs=2, batch_size=2))
+    ctx = make_ctx(tmp_path, [stage], make_prompts([0] * 5), every_steps=2)
+    ctx.state.global_step = 10  # steps of earlier stages
+    run_sft(ctx, stage, 0)
+    learners: FakeLearner = ctx.learners  # type: ignore[assignment]
+    assert [kw["n"] for name, kw in learners.calls if name == "train_sft"] == [2, 2, 1, 2, 2, 1]
+    # FakeEncoder: response "k" (answer of p<k>) -> 1 token + EOS = 2 tokens per sequence
+    assert [kw["num_global_tokens"] for name, kw in learners.calls if name == "train_sft"] == [4, 4, 2, 4, 4, 2]
+    assert (ctx.state.stage_step, ctx.state.global_step) == (6, 16)
+    assert [s for s, _ in ctx.tracker.series("train/loss")] == [11, 12, 13, 14, 15, 16]  # type: ignore[attr-defined]
+    done = sorted(p.name for p in (tmp_path / "checkpoints" / "s00-sft").glob("step-*"))
+    assert done == ["step-000002", "step-000004"]
+    assert read_driver_state(tmp_path / "checkpoints" / "s00-sft" / "step-000004").global_step == 14
+
+
+def test_every_stage_runner_has_one_signature():
+    import inspect
+
+    from cascade_rl.stages.driver import STAGES
+
+    assert sorted(STAGES) == ["gspo", "mpo", "rollout", "sft"]
+    for fn in STAGES.values():
+        assert list(inspect.signature(fn).parameters) == ["ctx", "stage", "index"], fn
+
+
+def test_finish_step_is_the_one_counter_and_log_fires_no_fault(tmp_path: Path, monkeypatch):
+    ctx = make_ctx(tmp_path, [_gspo()], make_prompts([1]))
+    points: list[str] = []
+    monkeypatch.setattr(ctx, "fault_point", points.append)
+    ctx.log({"x": 1.0})
+    assert points == []  # logging is not a fault point any more
+    ctx.finish_step({"y": 2.0})
+    ctx.finish_step()
+    assert (ctx.state.stage_step, ctx.state.global_step) == (2, 2)
+    assert points == ["after-step-1", "after-step-2"]
+    assert ctx.tracker.metrics == [(0, {"x": 1.0}), (1, {"y": 2.0})]  # type: ignore[attr-defined]

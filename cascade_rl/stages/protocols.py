@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..types import PairBatch, RewardResult, Sample, SequenceBatch
 
 if TYPE_CHECKING:
-    from ..actors.rollout import GenerateResult, PromptInput
+    from ..actors.group import GenerateResult, PromptInput  # the group API re-exports them
 
 
 class EncoderProtocol(Protocol):

@@ -7,7 +7,7 @@ or the run context calls, with the parameters it passes, and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..types import PairBatch, RewardResult, Sample, SequenceBatch
@@ -56,10 +56,10 @@ class LearnerGroupProtocol(Protocol):
 class RolloutGroupProtocol(Protocol):
     """Generation workers; ``submit`` starts a call and returns a function that waits for its result."""
 
-    def generate(self, prompts: Sequence[PromptInput | Any], n: int, greedy: bool = False,
+    def generate(self, prompts: list[PromptInput], n: int, greedy: bool = False,
                  key: int | None = None) -> GenerateResult: ...
 
-    def submit(self, prompts: Sequence[PromptInput | Any], n: int, greedy: bool = False,
+    def submit(self, prompts: list[PromptInput], n: int, greedy: bool = False,
                key: int | None = None) -> Callable[[], GenerateResult]: ...
 
     def sync_from(self, learners: Any, version: int) -> float: ...

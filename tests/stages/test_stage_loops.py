@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fakes import FakeLearner, FakeRollout, make_ctx, make_prompts
+from fakes import FakeLearner, FakeReward, FakeRollout, make_ctx, make_prompts
 
 from cascade_rl.config import GSPOConfig, StageConfig
 from cascade_rl.stages import gspo as gspo_mod
@@ -213,3 +213,24 @@ def test_finish_step_is_the_one_counter_and_log_fires_no_fault(tmp_path: Path, m
     assert (ctx.state.stage_step, ctx.state.global_step) == (2, 2)
     assert points == ["after-step-1", "after-step-2"]
     assert ctx.tracker.metrics == [(0, {"x": 1.0}), (1, {"y": 2.0})]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("pair", ["learner", "rollout", "reward"])
+def test_groups_and_fakes_match_the_protocols(pair: str):
+    # the Ray groups and the fakes take the parameters the Protocols declare (names and keyword-only-ness)
+    import inspect
+
+    from cascade_rl.actors.group import LearnerGroup, RewardGroup, RolloutGroup
+
+    from cascade_rl.stages import protocols as P
+
+    proto, real, fake = {"learner": (P.LearnerGroupProtocol, LearnerGroup, FakeLearner),
+                         "rollout": (P.RolloutGroupProtocol, RolloutGroup, FakeRollout),
+                         "reward": (P.RewardGroupProtocol, RewardGroup, FakeReward)}[pair]
+    methods = [n for n, v in vars(proto).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert methods
+    for name in methods:
+        want = [(p.name, p.kind) for p in inspect.signature(getattr(proto, name)).parameters.values()]
+        for cls in (real, fake):
+            got = [(p.name, p.kind) for p in inspect.signature(getattr(cls, name)).parameters.values()]
+            assert got[: len(want)] == want, (cls.__name__, name, got)

@@ -38,8 +38,8 @@ def run_gspo(ctx: RunContext, stage: StageConfig, index: int) -> None:
         out = (pending or ctx.rollout.submit(batch_prompts, G, key=ctx.sample_key(step)))()  # generate
         pending = None
         if g.overlap and step + 1 < g.num_steps:
-            pending = ctx.rollout.submit(_prompts_for_step(prompts, step + 1, g.prompts_per_step, ctx.cfg.seed, orders), G,
-                                         key=ctx.sample_key(step + 1))
+            next_prompts = _prompts_for_step(prompts, step + 1, g.prompts_per_step, ctx.cfg.seed, orders)
+            pending = ctx.rollout.submit(next_prompts, G, key=ctx.sample_key(step + 1))
         t0 = time.perf_counter()
         results = ctx.score(batch_prompts, out.generations)                            # score
         score_s = time.perf_counter() - t0
@@ -53,10 +53,11 @@ def run_gspo(ctx: RunContext, stage: StageConfig, index: int) -> None:
         train_metrics = _update(ctx, stage, out.generations, adv.advantages.tolist(), keep)
         train_s = time.perf_counter() - t0
         sync_s = ctx.sync_weights() if keep else 0.0                                   # sync
-        ctx.finish_step({**rollout_metrics(out), **reward_metrics(results), **train_metrics,
-                 "train/filtered_groups": float(adv.num_filtered_groups), "train/num_sequences": float(len(keep)),
-                 "perf/score_s": score_s, "perf/train_s": train_s, "perf/sync_s": sync_s,
-                 "perf/step_s": time.perf_counter() - t_step, "train/policy_version": ctx.state.policy_version})
+        ctx.finish_step({**rollout_metrics(out), **reward_metrics(results), **train_metrics,       # count, log
+                         "train/filtered_groups": float(adv.num_filtered_groups),
+                         "train/num_sequences": float(len(keep)), "perf/score_s": score_s, "perf/train_s": train_s,
+                         "perf/sync_s": sync_s, "perf/step_s": time.perf_counter() - t_step,
+                         "train/policy_version": ctx.state.policy_version})
         bar.update(1)
         bar.set_postfix(reward=f"{sum(r.total for r in results) / len(results):.3f}")
         if ctx.cfg.eval.every_steps > 0 and ctx.state.stage_step % ctx.cfg.eval.every_steps == 0 \

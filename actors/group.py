@@ -190,29 +190,38 @@ class LearnerGroup:
         rejected = _unshard(shards, [r for _, r in parts], len(padded))[:len(batch)]
         return chosen, rejected
 
-    def train_policy(self, batch: SequenceBatch, **kwargs: Any) -> dict[str, float]:
-        """One optimizer step; ``kwargs``: ``loss``, ``clip_low``, ``clip_high`` (global counts are added)."""
-        kwargs.setdefault("num_global_seqs", len(batch))
-        kwargs.setdefault("num_global_tokens", sum(len(r) for r in batch.response_token_ids))
+    def train_policy(self, batch: SequenceBatch, *, loss: str, clip_low: float, clip_high: float,
+                     num_global_seqs: int | None = None, num_global_tokens: int | None = None) -> dict[str, float]:
+        """One optimizer step; the global counts default to the whole batch's."""
+        kwargs = dict(loss=loss, clip_low=clip_low, clip_high=clip_high,
+                      num_global_seqs=len(batch) if num_global_seqs is None else num_global_seqs,
+                      num_global_tokens=(sum(len(r) for r in batch.response_token_ids) if num_global_tokens is None
+                                         else num_global_tokens))
         shards = self._shard_seqs(batch)
         return self._run("train_policy", [w.train_policy.remote(batch.select(s), **kwargs)
                                           for w, s in zip(self.workers, shards, strict=True)])[0]
 
-    def train_mpo(self, batch: PairBatch, **kwargs: Any) -> dict[str, float]:
-        """One optimizer step; ``kwargs``: ``terms``, ``beta`` (``num_global_pairs`` is added)."""
-        kwargs.setdefault("num_global_pairs", len(batch))
+    def train_mpo(self, batch: PairBatch, *, terms: list[tuple[str, float]], beta: float,
+                  num_global_pairs: int | None = None) -> dict[str, float]:
+        """One optimizer step; ``num_global_pairs`` defaults to the batch size."""
+        pairs = len(batch) if num_global_pairs is None else num_global_pairs
         shards = self._shard_pairs(batch)
-        return self._run("train_mpo", [w.train_mpo.remote(_select_pairs(batch, s), **kwargs)
+        return self._run("train_mpo", [w.train_mpo.remote(_select_pairs(batch, s), terms=terms, beta=beta,
+                                                          num_global_pairs=pairs)
                                        for w, s in zip(self.workers, shards, strict=True)])[0]
 
-    def train_sft(self, batch: SequenceBatch, **kwargs: Any) -> dict[str, float]:
-        kwargs.setdefault("num_global_tokens", sum(len(r) for r in batch.response_token_ids))
+    def train_sft(self, batch: SequenceBatch, *, num_global_tokens: int | None = None) -> dict[str, float]:
+        """One optimizer step; ``num_global_tokens`` defaults to the batch's response tokens."""
+        tokens = sum(len(r) for r in batch.response_token_ids) if num_global_tokens is None else num_global_tokens
         shards = self._shard_seqs(batch)
-        return self._run("train_sft", [w.train_sft.remote(batch.select(s), **kwargs)
+        return self._run("train_sft", [w.train_sft.remote(batch.select(s), num_global_tokens=tokens)
                                        for w, s in zip(self.workers, shards, strict=True)])[0]
 
     def set_lr(self, lr: float, total_steps: int, warmup_steps: int) -> None:
         self._run("set_lr", [w.set_lr.remote(lr, total_steps, warmup_steps) for w in self.workers])
+
+    def skip_lr_steps(self, num_steps: int) -> None:
+        self._run("skip_lr_steps", [w.skip_lr_steps.remote(num_steps) for w in self.workers])
 
     def save_checkpoint(self, folder: str, client_state: dict) -> None:
         self._writing = folder  # named by the failure message if a rank dies while saving
@@ -410,9 +419,9 @@ class RewardGroup:
     """``num_workers`` reward actors (0 CPUs each, see module docstring); ``score`` keeps the sample order."""
 
     def __init__(self, terms: list[RewardTermConfig], timeout_s: float, num_workers: int, correct_threshold: float, *,
-                 num_processes: int = 1, max_restarts: int = 3) -> None:
-        self.spec = RewardSpec(terms=list(terms), timeout_s=timeout_s,
-                               correct_threshold=correct_threshold, num_processes=num_processes)
+                 num_processes: int = 1, max_restarts: int = 3, correct_term: str | None = None) -> None:
+        self.spec = RewardSpec(terms=list(terms), timeout_s=timeout_s, correct_threshold=correct_threshold,
+                               correct_term=correct_term, num_processes=num_processes)
         self.max_restarts = max_restarts
         self.num_restarts = 0
         self._cls = ray.remote(num_cpus=0)(RewardWorker)

@@ -246,6 +246,11 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
         self._schedule_step = 0
         self._apply_lr()
 
+    def skip_lr_steps(self, num_steps: int) -> None:
+        """Advance the schedule by ``num_steps`` updates that were not run (a gspo mini-batch left empty)."""
+        self._schedule_step += int(num_steps)
+        self._apply_lr()
+
     def named_weights_for_sync(self, bucket_bytes: int = DEFAULT_SYNC_BUCKET_BYTES, *,
                                device: str | torch.device = "cpu",
                                all_ranks: bool = False) -> Iterator[list[tuple[str, Tensor]]]:

@@ -22,6 +22,7 @@ class RewardSpec:
     terms: list[RewardTermConfig]
     timeout_s: float
     correct_threshold: float
+    correct_term: str | None = None  # the term deciding `correct` (None: the first)
     num_processes: int = 1  # scorer processes inside one worker (RewardScorer's num_workers)
     extra: dict[str, Any] = field(default_factory=dict)  # further RewardScorer keyword arguments
 
@@ -37,7 +38,7 @@ class RewardWorker:
         self.spec = spec
         self.scorer = RewardScorer(list(spec.terms), timeout_s=spec.timeout_s,
                                    num_workers=spec.num_processes, correct_threshold=spec.correct_threshold,
-                                   **spec.extra)
+                                   correct_term=spec.correct_term, **spec.extra)
         self.num_scored = 0
         self.score_s = 0.0
 

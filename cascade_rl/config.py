@@ -80,7 +80,9 @@ class RewardConfig:
                                         factory=lambda: [RewardTermConfig(name="math_verify")])
     num_workers: int = doc(1, "reward worker actors")
     timeout_s: float = doc(5.0, "time limit per reward call (seconds)")
-    correct_threshold: float = doc(0.5, "a sample counts as correct when the first term's score is above this")
+    correct_threshold: float = doc(0.5, "a sample counts as correct when the correct_term's score is above this")
+    correct_term: str | None = doc(None, "the term (its name in reward.terms) whose score decides `correct` for "
+                                         "pairs, pass rates and eval accuracy; default: the first term")
 
 
 @dataclass

@@ -48,6 +48,10 @@ def validate(cfg: RecipeConfig) -> list[str]:
         p.append(f"model.max_response_tokens={cfg.model.max_response_tokens}: must be >= 1")
     if not cfg.reward.terms:
         p.append("reward.terms is empty: name at least one reward, e.g. `[{name: math_verify}]`")
+    names = [t.name for t in cfg.reward.terms]
+    if cfg.reward.correct_term is not None and cfg.reward.correct_term not in names:
+        p.append(f"reward.correct_term={cfg.reward.correct_term!r} names none of reward.terms {names}; set it to "
+                 "one of those names (or leave it out: the first term decides `correct`)")
     if cfg.reward.timeout_s <= 0:
         p.append(f"reward.timeout_s={cfg.reward.timeout_s}: must be > 0 seconds")
     p.extend(_range_checks(cfg))

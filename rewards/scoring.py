@@ -1,7 +1,7 @@
 """``RewardScorer``: score samples with weighted reward terms, safely, into ``RewardResult``s.
 
     total   = sum_k weight_k * score_k      over the terms k that returned a value (None = not applicable)
-    correct = score_0 > correct_threshold   (the first term decides; None when it returned None)
+    correct = score_c > correct_threshold   (term c = ``correct_term``, default the first; None when it returned None)
 
 A term that raised, hung, crashed its worker or returned NaN/Inf/the wrong type scores 0.0 and its error is
 kept in ``RewardResult.errors[label]``; a reward's ``Verdict`` reason is kept there too. Dict-valued rewards add
@@ -24,7 +24,20 @@ from .registry import RewardTerm, resolve_terms
 from .safe import Outcome, WorkerPool, run_terms
 
 
-def combine(terms: Sequence[RewardTerm], outcomes: dict[str, Outcome], correct_threshold: float) -> RewardResult:
+def find_correct_term(terms: Sequence[RewardTerm], correct_term: str | None) -> RewardTerm:
+    """The term that decides ``correct``: the one named ``correct_term`` (its name as written in the recipe, or its
+    component label), else the first."""
+    if correct_term is None:
+        return terms[0]
+    for term in terms:
+        if correct_term in (term.spec, term.label):
+            return term
+    raise ValueError(f"reward.correct_term={correct_term!r} names none of reward.terms "
+                     f"{[t.spec for t in terms]}; set it to one of them")
+
+
+def combine(terms: Sequence[RewardTerm], outcomes: dict[str, Outcome], correct_threshold: float,
+            correct_term: RewardTerm | None = None) -> RewardResult:
     """One ``RewardResult`` from each term's outcome (see the module docstring for the formula)."""
     components: dict[str, float] = {}
     errors: dict[str, str] = {}
@@ -37,22 +50,25 @@ def combine(terms: Sequence[RewardTerm], outcomes: dict[str, Outcome], correct_t
             components[term.label] = score
             total += term.weight * score
         components.update(extras)
-    first = outcomes.get(terms[0].label, (0.0, {}, None))[0] if terms else None
-    correct = None if first is None else bool(first > correct_threshold)
+    decider = correct_term or (terms[0] if terms else None)
+    score_c = outcomes.get(decider.label, (0.0, {}, None))[0] if decider is not None else None
+    correct = None if score_c is None else bool(score_c > correct_threshold)
     return RewardResult(total=total, components=components, correct=correct, errors=errors)
 
 
 class RewardScorer:
     """Scores ``Sample``s with weighted reward terms; a plain class the Ray reward actor wraps.
 
-    ``terms`` are the recipe's ``RewardTermConfig``s (name or pkg.module:function, weight, kwargs); ``timeout_s`` limits every
-    reward call (a batched call gets ``timeout_s`` per sample); ``chunk_size`` samples go to a worker at a time
+    ``terms`` are the recipe's ``RewardTermConfig``s (name or pkg.module:function, weight, kwargs); ``timeout_s``
+    limits every reward call (a batched call gets ``timeout_s`` per sample); ``correct_term`` names the term whose
+    score decides ``correct`` (default: the first); ``chunk_size`` samples go to a worker at a time
     (default: the batch split four ways per worker, at most 64).
     """
 
     def __init__(self, terms: Sequence[RewardTermConfig], *, timeout_s: float = 5.0,
                  num_workers: int = 1, correct_threshold: float = 0.5, chunk_size: int | None = None,
-                 grace_s: float | None = None, start_method: str = "spawn", max_memory_mb: int | None = None) -> None:
+                 grace_s: float | None = None, start_method: str = "spawn", max_memory_mb: int | None = None,
+                 correct_term: str | None = None) -> None:
         if not terms:
             raise ValueError("reward.terms is empty: name at least one reward, e.g. `[{name: math_verify}]`")
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
@@ -60,6 +76,7 @@ class RewardScorer:
         if num_workers < 0:
             raise ValueError(f"reward num_workers={num_workers}: must be >= 0 (0 scores in this process)")
         self.terms = resolve_terms(list(terms))
+        self.correct_term = find_correct_term(self.terms, correct_term)
         self.timeout_s = float(timeout_s)
         self.correct_threshold = float(correct_threshold)
         self.num_workers = int(num_workers)
@@ -95,9 +112,9 @@ class RewardScorer:
             if i in bad:
                 err = f"expected a cascade_rl.types.Sample, got {type(s).__name__}"
                 results.append(combine(self.terms, {t.label: (0.0, {}, err) for t in self.terms},
-                                       self.correct_threshold))
+                                       self.correct_threshold, self.correct_term))
             else:
-                results.append(combine(self.terms, next(it), self.correct_threshold))
+                results.append(combine(self.terms, next(it), self.correct_threshold, self.correct_term))
         return results
 
     def _score_here(self, samples: list[Sample]) -> list[dict[str, Outcome]]:

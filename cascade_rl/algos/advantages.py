@@ -7,7 +7,9 @@ For prompt ``g`` with ``G`` sampled responses and scalar rewards ``r_1..r_G``::
 
 ``std_g`` is the **sample (unbiased, Bessel-corrected) std**, i.e. ``torch.std(..., correction=1)``, as in
 verl's ``compute_grpo_outcome_advantage`` and TRL's ``GRPOTrainer``. With ``G == 1`` the sample std is undefined;
-we use 0 there (the advantage is 0 anyway because ``r_i == mean``).
+we use 0 there (the advantage is 0 anyway because ``r_i == mean``). An all-equal group gets exactly 0: its
+float mean may differ from the members by one rounding step (eight float32 0.9s: mean − r_i ≈ 6e-8, std ≈ 6e-8,
+so (r_i − mean)/(std + eps) would be +0.056), so equal groups are set to 0 explicitly.
 
 Dynamic filtering (DAPO, Yu et al. 2025): a group whose rewards are all equal (all right or all wrong) has zero
 advantage for every member and only dilutes the batch. With ``filter_equal=True`` its members get ``mask == 0``
@@ -74,6 +76,7 @@ def compute_group_advantages(
             std = torch.zeros_like(mean)
         advantages = advantages / (std + eps)
     equal = grouped.amax(dim=1) == grouped.amin(dim=1)  # (N,)
+    advantages = torch.where(equal[:, None], torch.zeros((), dtype=dtype), advantages)  # exact 0, not rounding
     num_equal = int(equal.sum().item())
     keep = torch.ones_like(grouped)  # (N, G)
     num_filtered = 0

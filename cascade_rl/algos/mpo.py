@@ -167,6 +167,15 @@ def compute_mpo_loss(
     ``sft`` needs ``chosen_num_tokens``; ``bco_pair`` needs ``reward_shift`` (updated in place, then used).
     """
     parsed = parse_mpo_terms(terms)
+    if num_global_pairs is not None and not isinstance(num_global_pairs, Tensor) and num_global_pairs <= 0:
+        raise ValueError(f"num_global_pairs={num_global_pairs}: must be > 0 (pairs in the optimizer step over "
+                         "all ranks and micro-batches); a loss divided by it would be inf")
+    # bf16 sums of log-probs lose ~3 significant digits: the log-ratios and sigmoids are taken in float32
+    dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
+    policy_chosen_logps, policy_rejected_logps = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.to(dtype), ref_rejected_logps.to(dtype)
+    if chosen_nll_sum is not None:
+        chosen_nll_sum = chosen_nll_sum.to(dtype)
     shapes = {
         tuple(t.shape)
         for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -191,7 +200,12 @@ def compute_mpo_loss(
         assert reward_shift is not None
         batch.delta = reward_shift.update(torch.cat([chosen_rewards, rejected_rewards]))
     num_pairs = policy_chosen_logps.numel()
-    denom = float(max(num_pairs, 1)) if num_global_pairs is None else num_global_pairs
+    if num_global_pairs is None:
+        denom: float | Tensor = float(max(num_pairs, 1))
+    elif isinstance(num_global_pairs, Tensor):
+        denom = num_global_pairs.to(dtype).clamp(min=1)  # 0 pairs everywhere: loss 0/1, not 0/0
+    else:
+        denom = float(num_global_pairs)
     loss = policy_chosen_logps.new_zeros(())
     metrics: dict[str, Tensor] = {}
     for name, weight in parsed:

@@ -52,6 +52,10 @@ Count = int | float | Tensor | None
 LossOutput = tuple[Tensor, dict[str, Tensor]]
 
 
+class NonFiniteLogprobsError(ValueError):
+    """Old (behaviour) log-probs are −inf or NaN on a response token the loss uses (mask = 1)."""
+
+
 def _prepare(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -74,8 +78,17 @@ def _prepare(
         raise ValueError(
             f"need 0 <= clip_low < 1 and clip_high >= 0; got clip_low={clip_low}, clip_high={clip_high}"
         )
+    valid = mask.bool()
+    bad = valid & ~torch.isfinite(old_logprobs)
+    if bool(bad.any()):
+        rows = sorted({int(r) for r in bad.nonzero()[:, 0].tolist()})
+        raise NonFiniteLogprobsError(
+            f"old_logprobs are -inf/NaN on {int(bad.sum())} response token(s) of row(s) {rows[:8]}: the ratio "
+            "π_θ/π_old would be inf (a huge or NaN gradient). With gspo.overlap the old log-probs are vLLM's "
+            "behaviour log-probs of the sampled tokens; a token the engine gave probability 0 (top_p/top_k "
+            "filtering, a stale weight sync) lands here. Set gspo.overlap=false to take them from the learner")
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
-    return logprobs.to(dtype), old_logprobs.to(dtype), advantages.detach().to(dtype), mask.bool()
+    return logprobs.to(dtype), old_logprobs.to(dtype), advantages.detach().to(dtype), valid
 
 
 def _token_log_ratio(logprobs: Tensor, old_logprobs: Tensor, valid: Tensor) -> Tensor:
@@ -117,11 +130,13 @@ def _clipped_objective(ratio: Tensor, adv: Tensor, clip_low: float, clip_high: f
 
 
 def _denominator(count: Count, local_count: Tensor, dtype: torch.dtype) -> Tensor | float:
-    """The global count if given (int, float or 0-d tensor), else the local one (at least 1)."""
+    """The global count if given (int, float or 0-d tensor), else the local one (at least 1). A tensor count is
+    clamped to >= 1 (no host sync to check it): with a global count of 0 nothing is valid and the loss is 0/1 = 0,
+    not 0/0 = NaN."""
     if count is None:
         return local_count.clamp(min=1).to(dtype)
     if isinstance(count, Tensor):
-        return count.to(dtype)
+        return count.to(dtype).clamp(min=1)
     if count <= 0:
         raise ValueError(f"global count must be positive, got {count}")
     return float(count)

@@ -9,6 +9,7 @@ from typing import Any, cast
 from ..data.prompts import PromptItem
 from ..seeding import derive_seed
 from ..types import PairBatch, PreferencePair, SequenceBatch
+from .protocols import EncoderProtocol
 
 
 class Encoder:
@@ -31,7 +32,7 @@ class Encoder:
         return ids + [self.eos] if add_eos and self.eos is not None else ids
 
 
-def sft_batch(items: list[PromptItem], enc: Encoder) -> SequenceBatch:
+def sft_batch(items: list[PromptItem], enc: EncoderProtocol) -> SequenceBatch:
     """Prompt + reference solution (``metadata['solution']``, else the answer) for the LM loss."""
     responses = [enc.response(str(it.metadata.get("solution") or it.answer)) for it in items]
     return SequenceBatch(prompt_token_ids=[enc.prompt(it.messages) for it in items],

@@ -22,6 +22,7 @@ from ..config import RecipeConfig, StageConfig
 from ..data.prompts import PromptItem
 from ..tracking import Tracker
 from ..types import RewardResult, Sample
+from .protocols import EncoderProtocol, LearnerGroupProtocol, RewardGroupProtocol, RolloutGroupProtocol
 from .state import COMPLETE, DriverState, RunState, checkpoint_dir, finish_checkpoint
 
 FAULT_ENV = "CASCADE_RL_FAULT_AT"
@@ -36,15 +37,21 @@ class RunContext:
     run_dir: Path
     model_path: str
     tracker: Tracker
-    learners: Any  # actors.group.LearnerGroup
-    rollout: Any  # actors.group.RolloutGroup
-    rewards: Any  # actors.group.RewardGroup
+    learners: LearnerGroupProtocol
+    rollout: RolloutGroupProtocol
+    rewards: RewardGroupProtocol
     train_prompts: list[PromptItem]
     eval_prompts: list[PromptItem]
+    encoder: EncoderProtocol | None = None  # prompts/responses to token ids (sft, mpo); the driver sets it
     state: DriverState = field(default_factory=DriverState)
     run_state: RunState = field(default_factory=RunState)
     is_vlm: bool = False
     reward_restarts_logged: int = field(default=0, init=False, repr=False)
+
+    def require_encoder(self) -> EncoderProtocol:
+        if self.encoder is None:
+            raise RuntimeError("RunContext.encoder is not set: the driver sets it before running sft/mpo stages")
+        return self.encoder
 
     def shutdown_workers(self) -> None:
         """Stop every actor cleanly: the rollout engines first (else vLLM, killed at exit, warns that its engine
@@ -56,13 +63,21 @@ class RunContext:
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.tracker.log_metrics(metrics, self.state.global_step if step is None else step)
-        self.fault_point(str(self.state.stage_step))
+
+    def finish_step(self, metrics: dict[str, float] | None = None) -> None:
+        """The one place a stage's step counts: stage and global step advance, the step's metrics are logged (at
+        the new global step), then the ``after-step-<N>`` fault point."""
+        self.state.stage_step += 1
+        self.state.global_step += 1
+        if metrics is not None:
+            self.log(metrics)
+        self.fault_point(f"after-step-{self.state.stage_step}")
 
     def fault_point(self, point: str) -> None:
         """Testing hook: SIGKILL the driver when ``CASCADE_RL_FAULT_AT`` is ``<current stage name>:<point>``.
 
-        Points: ``<N>`` — the first metrics logged once the stage has done N steps (after step N's records are
-        logged, before its checkpoint); ``checkpoint-<N>`` — step N's checkpoint is half written (learner state
+        Points: ``after-step-<N>`` — the stage has done N steps and logged step N (its records are in the rollout
+        log), its checkpoint not yet written; ``checkpoint-<N>`` — step N's checkpoint is half written (learner state
         saved, no COMPLETE marker); ``done`` — the stage's final checkpoint is complete, its evaluation not yet run.
         When the driver leads its process group, the whole group is killed (the local Ray head with it; Ray's
         workers, in groups of their own, exit when their raylet dies), as after a crash of the node.
@@ -136,9 +151,8 @@ class RunContext:
     def end_train_step(self, stage: StageConfig, step: int, total: int, metrics: dict[str, float], train_s: float,
                        bar: Any) -> None:
         """After one optimizer step of an offline stage (sft, mpo): count it, log it, show it, checkpoint."""
-        self.state.stage_step = step + 1
-        self.state.global_step += 1
-        self.log({**{f"train/{k}": v for k, v in metrics.items()}, "perf/train_s": train_s})
+        assert step == self.state.stage_step, (step, self.state.stage_step)  # batches resume at the stage step
+        self.finish_step({**{f"train/{k}": v for k, v in metrics.items()}, "perf/train_s": train_s})
         bar.update(1)
         bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
         if self.should_checkpoint() and self.state.stage_step < total:

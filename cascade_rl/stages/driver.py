@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +31,15 @@ from .sft import run_sft
 from .state import DriverState, RunState, latest_checkpoint, read_driver_state
 from .workers import build_groups, init_ray
 
-STAGES = {
-    "sft": lambda ctx, stage, i, enc: run_sft(ctx, stage, enc),
-    "rollout": lambda ctx, stage, i, enc: run_rollout(ctx, stage),
-    "mpo": lambda ctx, stage, i, enc: run_mpo(ctx, stage, i, enc),
-    "gspo": lambda ctx, stage, i, enc: run_gspo(ctx, stage, i),
-}
+StageFn = Callable[[RunContext, StageConfig, int], None]
+STAGES: dict[str, StageFn] = {"sft": run_sft, "rollout": run_rollout, "mpo": run_mpo, "gspo": run_gspo}
 
 
 def run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = _start(cfg, run_dir)
-    enc = Encoder(ctx.model_path)
+    ctx.encoder = Encoder(ctx.model_path)
     status = "FAILED"
     try:
         if "start" not in ctx.run_state.stage_results:
@@ -58,7 +55,7 @@ def run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None = None) -> dict
             t0 = time.perf_counter()
             if cfg.rollout.sleep_when_idle and stage.kind in ("sft", "mpo"):
                 ctx.rollout.sleep()  # learner-only stage: give the GPU memory to the learners
-            STAGES[stage.kind](ctx, stage, i, enc)
+            STAGES[stage.kind](ctx, stage, i)
             ctx.log({f"perf/stage_{stage.name}_s": time.perf_counter() - t0})
             if stage.kind != "rollout":
                 ctx.sync_weights()

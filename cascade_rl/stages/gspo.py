@@ -31,14 +31,15 @@ def run_gspo(ctx: RunContext, stage: StageConfig, index: int) -> None:
     ctx.start_schedule(stage.lr or ctx.cfg.learner.lr, g.num_steps * g.num_minibatches)
     bar = tqdm(total=g.num_steps, initial=ctx.state.stage_step, desc=f"[{stage.name}] {g.loss}", unit="step")
     pending = None  # with gspo.overlap: the next batch, generating while this one trains
+    orders: dict[int, list[int]] = {}  # epoch -> shuffled order, computed once per epoch
     for step in range(ctx.state.stage_step, g.num_steps):
         t_step = time.perf_counter()
-        batch_prompts = _prompts_for_step(prompts, step, g.prompts_per_step, ctx.cfg.seed)
+        batch_prompts = _prompts_for_step(prompts, step, g.prompts_per_step, ctx.cfg.seed, orders)
         out = (pending or ctx.rollout.submit(batch_prompts, G, key=ctx.sample_key(step)))()  # generate
         pending = None
         if g.overlap and step + 1 < g.num_steps:
-            pending = ctx.rollout.submit(_prompts_for_step(prompts, step + 1, g.prompts_per_step, ctx.cfg.seed), G,
-                                         key=ctx.sample_key(step + 1))
+            next_prompts = _prompts_for_step(prompts, step + 1, g.prompts_per_step, ctx.cfg.seed, orders)
+            pending = ctx.rollout.submit(next_prompts, G, key=ctx.sample_key(step + 1))
         t0 = time.perf_counter()
         results = ctx.score(batch_prompts, out.generations)                            # score
         score_s = time.perf_counter() - t0
@@ -49,14 +50,14 @@ def run_gspo(ctx: RunContext, stage: StageConfig, index: int) -> None:
         if ctx.cfg.rollout.sleep_when_idle:
             ctx.rollout.sleep()                                                        # free GPU memory
         t0 = time.perf_counter()
-        train_metrics = _update(ctx, stage, out.generations, adv.advantages.tolist(), keep) if keep else {}
+        train_metrics = _update(ctx, stage, out.generations, adv.advantages.tolist(), keep)
         train_s = time.perf_counter() - t0
         sync_s = ctx.sync_weights() if keep else 0.0                                   # sync
-        ctx.state.stage_step, ctx.state.global_step = step + 1, ctx.state.global_step + 1
-        ctx.log({**rollout_metrics(out), **reward_metrics(results), **train_metrics,
-                 "train/filtered_groups": float(adv.num_filtered_groups), "train/num_sequences": float(len(keep)),
-                 "perf/score_s": score_s, "perf/train_s": train_s, "perf/sync_s": sync_s,
-                 "perf/step_s": time.perf_counter() - t_step, "train/policy_version": ctx.state.policy_version})
+        ctx.finish_step({**rollout_metrics(out), **reward_metrics(results), **train_metrics,       # count, log
+                         "train/filtered_groups": float(adv.num_filtered_groups),
+                         "train/num_sequences": float(len(keep)), "perf/score_s": score_s, "perf/train_s": train_s,
+                         "perf/sync_s": sync_s, "perf/step_s": time.perf_counter() - t_step,
+                         "train/policy_version": ctx.state.policy_version})
         bar.update(1)
         bar.set_postfix(reward=f"{sum(r.total for r in results) / len(results):.3f}")
         if ctx.cfg.eval.every_steps > 0 and ctx.state.stage_step % ctx.cfg.eval.every_steps == 0 \
@@ -68,8 +69,21 @@ def run_gspo(ctx: RunContext, stage: StageConfig, index: int) -> None:
 
 
 def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[float], keep: list[int]) -> dict:
-    """One or more mini-batch updates on the kept sequences; old log-probs from the learner before any update."""
+    """One or more mini-batch updates on the kept sequences; old log-probs from the learner before any update.
+
+    The kept sequences are dealt round-robin into ``gspo.num_minibatches`` parts; an empty part (fewer kept
+    sequences than parts, or nothing kept) is no update. Metrics are means over the updates run (``*_min`` /
+    ``*_max``: the min / max over them). The LR schedule has ``num_steps × num_minibatches`` steps and each skipped
+    update still advances it one step (``skip_lr_steps``), so the LR is a function of the rollout step, as in
+    verl, and a stage ends at the schedule's end however many groups dynamic filtering dropped.
+    """
     g = stage.gspo
+    parts = [keep[j :: g.num_minibatches] for j in range(g.num_minibatches)]
+    parts = [p for p in parts if p]
+    if len(parts) < g.num_minibatches:
+        ctx.learners.skip_lr_steps(g.num_minibatches - len(parts))
+    if not parts:
+        return {}
     batch = SequenceBatch(prompt_token_ids=[list(gens[i].prompt_token_ids) for i in keep],
                           response_token_ids=[list(gens[i].token_ids) for i in keep],
                           advantages=[advantages[i] for i in keep])
@@ -77,22 +91,32 @@ def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[fl
     # learner has moved one update past the policy that generated the batch
     batch.old_logprobs = ([list(gens[i].logprobs) for i in keep] if g.overlap
                           else ctx.learners.compute_logprobs(batch))
-    parts = [list(range(len(keep)))[j :: g.num_minibatches] for j in range(g.num_minibatches)]
-    sums: dict[str, float] = {}
-    for part in [p for p in parts if p]:
-        mb = batch.select(part)
-        m = ctx.learners.train_policy(mb, loss=g.loss, clip_low=g.clip_low, clip_high=g.clip_high,
-                                      num_global_seqs=len(mb), num_global_tokens=sum(map(len, mb.response_token_ids)))
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / len(parts)
+    position = {i: k for k, i in enumerate(keep)}  # sequence index -> row of ``batch``
+    runs = []
+    for part in parts:
+        mb = batch.select([position[i] for i in part])
+        runs.append(ctx.learners.train_policy(mb, loss=g.loss, clip_low=g.clip_low, clip_high=g.clip_high,
+                                              num_global_seqs=len(mb),
+                                              num_global_tokens=sum(map(len, mb.response_token_ids))))
     perf = {"step_s": "perf/learner_step_s", "peak_mem_gib": "perf/learner_peak_mem_gib"}
-    out = {perf.get(k, f"train/{k}"): v for k, v in sums.items()}
+    out = {perf.get(k, f"train/{k}"): v for k, v in combine_minibatch_metrics(runs).items()}
     # engine vs learner on the same tokens: near 0 when weight sync works; growing = a stale or partial sync.
     # Absent with rollout.behaviour_logprobs=false, and with overlap (π_old is then the engine's own log-probs).
     gaps = [] if g.overlap else [abs(b - o) for i, old in zip(keep, batch.old_logprobs, strict=True)
                                  if gens[i].logprobs for b, o in zip(gens[i].logprobs, old, strict=True)]
     if gaps:
         out["rollout/behaviour_logprob_gap"] = sum(gaps) / len(gaps)
+    return out
+
+
+def combine_minibatch_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
+    """One dict from the metrics of the mini-batch updates run: ``*_min`` the min, ``*_max`` the max, else the
+    mean over the updates (each key over the updates that reported it)."""
+    keys = list(dict.fromkeys(k for m in runs for k in m))
+    out: dict[str, float] = {}
+    for k in keys:
+        vals = [float(m[k]) for m in runs if k in m]
+        out[k] = min(vals) if k.endswith("_min") else max(vals) if k.endswith("_max") else sum(vals) / len(vals)
     return out
 
 
@@ -113,13 +137,20 @@ def _select_prompts(ctx: RunContext, stage: StageConfig, index: int) -> list:
     return chosen
 
 
-def _prompts_for_step(prompts: list, step: int, per_step: int, seed: int) -> list:
-    """Deterministic data position: step * per_step into a per-epoch shuffle of the prompts."""
+def _prompts_for_step(prompts: list, step: int, per_step: int, seed: int,
+                      orders: dict[int, list[int]] | None = None) -> list:
+    """Deterministic data position: step * per_step into a per-epoch shuffle of the prompts. Each epoch's order is
+    computed once and kept in ``orders`` (pass the same dict for every step of a stage)."""
+    orders = {} if orders is None else orders
     start = step * per_step
     out = []
     for pos in range(start, start + per_step):
         epoch, i = divmod(pos, len(prompts))
-        out.append(prompts[epoch_order(len(prompts), seed, epoch)[i]])
+        if epoch not in orders:
+            for old in [e for e in orders if e < epoch - 1]:  # steps move forward: keep this epoch and the last
+                del orders[old]
+            orders[epoch] = epoch_order(len(prompts), seed, epoch)
+        out.append(prompts[orders[epoch][i]])
     return out
 
 

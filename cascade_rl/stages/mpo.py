@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..config import StageConfig
 from ..data.pairs import build_pairs, fill_token_ids, read_pairs, write_pairs
 from ..data.rollout_log import read_rollout_log
-from .batching import Encoder, num_batches, pair_batch, take_batches
+from .batching import num_batches, pair_batch, take_batches
 from .context import RunContext
 from .rollout import log_dir
 
@@ -29,7 +29,7 @@ def _source_logs(ctx: RunContext, stage: StageConfig, index: int) -> Path:
     return log_dir(ctx, previous[-1].name)
 
 
-def prepare_pairs(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder) -> list:
+def prepare_pairs(ctx: RunContext, stage: StageConfig, index: int) -> list:
     path = ctx.run_dir / "pairs" / f"{stage.name}.parquet"
     if path.exists():
         return read_pairs(path)
@@ -40,6 +40,7 @@ def prepare_pairs(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder)
             f"stage `{stage.name}`: no preference pairs could be built from {len(records)} logged responses "
             f"({json.dumps(stats.as_dict())}). Pairs need prompts with both right and wrong responses: raise "
             f"rollout.group_size or rollout.temperature, or train the start policy longer (sft stage).")
+    enc = ctx.require_encoder()
     fill_token_ids(pairs, encode_prompt=enc.prompt, encode_response=enc.response)  # imported logs lack ids
     t0 = time.perf_counter()
     for i in range(0, len(pairs), REF_BATCH):  # reference log-probs with the frozen start policy
@@ -54,9 +55,9 @@ def prepare_pairs(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder)
     return pairs
 
 
-def run_mpo(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder) -> None:
+def run_mpo(ctx: RunContext, stage: StageConfig, index: int) -> None:
     mpo = stage.mpo
-    pairs = prepare_pairs(ctx, stage, index, enc)
+    pairs = prepare_pairs(ctx, stage, index)
     terms = [(t.loss, t.weight) for t in mpo.terms]
     total = num_batches(len(pairs), mpo.batch_size, mpo.epochs)
     ctx.start_schedule(stage.lr or ctx.cfg.learner.lr, total)

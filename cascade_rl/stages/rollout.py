@@ -42,7 +42,7 @@ def log_dir(ctx: RunContext, stage_name: str):
     return ctx.run_dir / "rollouts" / stage_name
 
 
-def run_rollout(ctx: RunContext, stage: StageConfig) -> None:
+def run_rollout(ctx: RunContext, stage: StageConfig, index: int) -> None:
     prompts = ctx.train_prompts[: stage.num_prompts]
     writer = RolloutLogWriter(log_dir(ctx, stage.name))
     chunks = [prompts[i : i + CHUNK_PROMPTS] for i in range(0, len(prompts), CHUNK_PROMPTS)]
@@ -51,8 +51,7 @@ def run_rollout(ctx: RunContext, stage: StageConfig) -> None:
     for step in range(ctx.state.stage_step, len(chunks)):
         chunk = chunks[step]
         if f"{run_id}/{stage.name}/{step}/{chunk[0].id}/0" in writer.record_ids:  # logged before a restart
-            ctx.state.stage_step = step + 1  # a chunk's shard is written whole, so the chunk is done
-            ctx.state.global_step += 1
+            ctx.finish_step()  # a chunk's shard is written whole, so the chunk is done
             bar.update(1)
             continue
         out = ctx.rollout.generate(chunk, ctx.cfg.rollout.group_size, key=ctx.sample_key(step))
@@ -60,8 +59,6 @@ def run_rollout(ctx: RunContext, stage: StageConfig) -> None:
         results = ctx.score(chunk, out.generations)
         score_s = time.perf_counter() - t0
         writer.append(make_records(ctx, stage, step, chunk, out, results))
-        ctx.state.stage_step = step + 1
-        ctx.state.global_step += 1
-        ctx.log({**rollout_metrics(out), **reward_metrics(results), "perf/score_s": score_s})
+        ctx.finish_step({**rollout_metrics(out), **reward_metrics(results), "perf/score_s": score_s})
         bar.update(1)
     bar.close()

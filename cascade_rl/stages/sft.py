@@ -7,12 +7,12 @@ import time
 from tqdm import tqdm
 
 from ..config import StageConfig
-from .batching import Encoder, num_batches, sft_batch, take_batches
+from .batching import num_batches, sft_batch, take_batches
 from .context import RunContext
 
 
-def run_sft(ctx: RunContext, stage: StageConfig, enc: Encoder) -> None:
-    sft = stage.sft
+def run_sft(ctx: RunContext, stage: StageConfig, index: int) -> None:
+    sft, enc = stage.sft, ctx.require_encoder()
     items = ctx.train_prompts
     total = num_batches(len(items), sft.batch_size, sft.epochs)
     ctx.start_schedule(stage.lr or ctx.cfg.learner.lr, total)

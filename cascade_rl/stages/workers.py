@@ -99,5 +99,5 @@ def build_groups(cfg: RecipeConfig, model_path: str) -> tuple[Any, Any, Any, boo
     learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank, placement=placement.learner)
     rollout = RolloutGroup(rollout_spec, r.num_workers, r.num_gpus_per_worker, placement=placement.rollout)
     rewards = RewardGroup(list(cfg.reward.terms), timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
-                          correct_threshold=cfg.reward.correct_threshold)
+                          correct_threshold=cfg.reward.correct_threshold, correct_term=cfg.reward.correct_term)
     return learners, rollout, rewards, vlm  # placement groups go with the job

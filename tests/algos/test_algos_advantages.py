@@ -47,3 +47,17 @@ def test_errors():
         compute_group_advantages(torch.zeros(6), 4)
     with pytest.raises(ValueError, match="NaN"):
         compute_group_advantages(torch.tensor([1.0, float("nan")]), 2)
+
+
+@pytest.mark.parametrize(("value", "group_size"), [(0.9, 8), (5.3, 16)])
+def test_all_equal_float32_group_gets_exactly_zero(value, group_size):
+    # eight float32 0.9s: mean(0.9f × 8) rounds one ulp off 0.9f, so r_i − mean ≈ 6e-8 and the sample std ≈ 6e-8;
+    # (r_i − mean) / (std + 1e-6) was +0.056 for every member (sixteen 5.3s: +0.32). Equal means A = 0 exactly.
+    rewards = torch.full((group_size,), value, dtype=torch.float32)
+    out = compute_group_advantages(rewards, group_size)
+    assert torch.equal(out.advantages, torch.zeros(group_size))
+    assert out.num_equal_groups == 1
+    # a mixed group beside it is unaffected: (1, 0) -> mean 0.5, std sqrt(0.5) -> ±0.5/0.70711 = ±0.70711
+    mixed = compute_group_advantages(torch.tensor([value] * group_size + [1.0, 0.0] * (group_size // 2)), group_size)
+    assert torch.equal(mixed.advantages[:group_size], torch.zeros(group_size))
+    assert mixed.advantages[group_size] > 0.5

@@ -182,3 +182,20 @@ def test_errors_list_valid_names_and_requirements():
     with pytest.raises(ValueError, match="twice"):
         compute_mpo_loss([("sft", 1.0), ("sft", 1.0)], **PAIR, beta=0.1, reward_shift=None)
     assert sorted(MPO_LOSSES) == ["bco_pair", "sft", "sigmoid"]
+
+
+def test_zero_global_pairs_is_an_error_not_inf():
+    # DPO sum 0.554355 / 0 pairs was inf; an int/float count of 0 is refused, a 0-d tensor count is clamped to 1
+    with pytest.raises(ValueError, match="num_global_pairs=0"):
+        compute_mpo_loss([("sigmoid", 1.0)], **PAIR, num_global_pairs=0)
+    loss, _ = compute_mpo_loss([("sigmoid", 1.0)], **PAIR, num_global_pairs=torch.tensor(0))
+    assert math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(DPO, rel=1e-6)
+
+
+def test_bf16_inputs_are_upcast_to_float32():
+    # bf16 holds -10.0625 vs -10.0 apart only by its ~3 digits; the loss is computed (and returned) in float32
+    pair = {k: v.to(torch.bfloat16) for k, v in PAIR.items()}
+    loss, metrics = compute_mpo_loss([("sigmoid", 1.0)], **pair, beta=0.1)
+    assert loss.dtype == torch.float32 and metrics["rewards/margin"].dtype == torch.float32
+    assert loss.item() == pytest.approx(DPO, rel=1e-6)  # -log σ(0.3) = 0.554355 exactly as in float32

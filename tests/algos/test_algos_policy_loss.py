@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from cascade_rl.algos.policy_loss import LOG_RATIO_CLAMP, POLICY_LOSSES, compute_policy_loss
+from cascade_rl.algos.policy_loss import (
+    LOG_RATIO_CLAMP,
+    POLICY_LOSSES,
+    NonFiniteLogprobsError,
+    compute_policy_loss,
+)
 
 E_HALF = math.exp(0.5)  # 1.6487212707
 E_MINUS_HALF = math.exp(-0.5)  # 0.6065306597
@@ -254,3 +259,29 @@ def test_unknown_name_and_bad_shapes_raise():
         compute_policy_loss("gspo", lp, lp, torch.ones(3), lp, clip_low=0.2, clip_high=0.2)
     with pytest.raises(ValueError, match="clip_low"):
         compute_policy_loss("gspo", lp, lp, torch.ones(2), lp, clip_low=1.5, clip_high=0.2)
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+def test_zero_tensor_global_count_gives_zero_not_nan(name):
+    # an all-masked shard on a rank whose global count (a 0-d tensor, e.g. all-reduced) is 0:
+    # sum of losses 0 / count 0 was NaN; the tensor count is clamped to 1, so the loss is 0 / 1 = 0
+    lp = torch.zeros(2, 3, requires_grad=True)
+    zero = torch.tensor(0)
+    loss, _ = compute_policy_loss(name, lp, torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3), clip_low=0.2,
+                                  clip_high=0.2, num_global_seqs=zero, num_global_tokens=zero)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(lp.grad, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("bad", [float("-inf"), float("nan")])
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+def test_non_finite_old_logprobs_on_real_tokens_raise(name, bad):
+    # one −inf old log-prob: ratio exp(lp − (−inf)) = inf; gspo_token's gradient was ~8e7. Named error instead.
+    old = torch.tensor([[-1.0, bad, -1.0]])
+    with pytest.raises(NonFiniteLogprobsError, match="gspo.overlap"):
+        compute_policy_loss(name, torch.full((1, 3), -1.0), old, torch.ones(1), torch.ones(1, 3),
+                            clip_low=0.2, clip_high=0.2)
+    # the same value on a padded position (mask 0) is ignored: ratio 1, A = 1 -> loss −1 (gspo) / −2/2 (grpo)
+    loss, _ = compute_policy_loss(name, torch.full((1, 3), -1.0), old, torch.ones(1), torch.tensor([[1.0, 0, 1]]),
+                                  clip_low=0.2, clip_high=0.2)
+    assert loss.item() == -1.0

@@ -4,11 +4,11 @@ One long test chains five crashes through one run folder, each placed by the dri
 ``CASCADE_RL_FAULT_AT=<stage>:<point>`` (``RunContext.fault_point``), which SIGKILLs the driver's whole process
 group at that point:
 
-    sft:6              mid-stage: step 6 trained and logged, its checkpoint not written (resume from step 4)
+    sft:after-step-6   mid-stage: step 6 trained and logged, its checkpoint not written (resume from step 4)
     sft:done           between stages: sft's final checkpoint complete, the stage not yet evaluated
-    rollout:1          mid-stage: the first chunk's shard is in the rollout log, the second chunk not generated
+    rollout:after-step-1  mid-stage: the first chunk's shard is in the rollout log, the second chunk not generated
     mpo:checkpoint-4   mid-checkpoint: the learner state of step 4 written, no COMPLETE marker (resume from step 2)
-    gspo:3             mid-step: step 3's records logged, no checkpoint since step 2 (its shard must be set aside)
+    gspo:after-step-3  mid-step: step 3's records logged, no checkpoint since step 2 (its shard must be set aside)
 
 Before the last resume the test also plants a newer checkpoint folder without COMPLETE and two temporary shard
 files; none may be picked up. The finished run is compared with the uninterrupted ``reference_run``: the same
@@ -36,11 +36,11 @@ from cascade_rl.data.rollout_log import read_rollout_table
 from cascade_rl.stages.rollout import CHUNK_PROMPTS
 
 CHAIN = [  # (fault point, checkpoint the next run must resume from; {sft} = sft's number of steps)
-    ("sft:6", "s00-sft/step-000004"),
+    ("sft:after-step-6", "s00-sft/step-000004"),
     ("sft:done", "s00-sft/step-{sft:06d}"),
-    ("rollout:1", "s00-sft/step-{sft:06d}"),
+    ("rollout:after-step-1", "s00-sft/step-{sft:06d}"),
     ("mpo:checkpoint-4", "s02-mpo/step-000002"),
-    ("gspo:3", "s03-gspo/step-000002"),
+    ("gspo:after-step-3", "s03-gspo/step-000002"),
 ]
 HF = [*SMALL_HF, "resume=auto"]
 
@@ -86,7 +86,7 @@ def test_sigkill_in_every_stage_then_resume(tmp_path: Path, reference_run) -> No
         state = json.loads((run_dir / "run_state.json").read_text())
         if fault == "sft:done":
             assert "sft" not in state["stage_results"]
-        if fault == "rollout:1":
+        if fault == "rollout:after-step-1":
             assert len(read_run(run_dir).records["rollout"]) == CHUNK_PROMPTS * GROUP_SIZE  # one chunk logged
         if fault == "mpo:checkpoint-4":
             half = run_dir / "checkpoints" / "s02-mpo" / "step-000004"
@@ -162,7 +162,7 @@ from cascade_rl.stages.context import RunContext
 cfg = RecipeConfig(stages=[StageConfig(kind="sft", name="warm"), StageConfig(kind="gspo", name="online")])
 ctx = RunContext(cfg=cfg, run_dir=None, model_path="", tracker=None, learners=None, rollout=None, rewards=None,
                  train_prompts=[], eval_prompts=[])
-for index, point in [(0, "3"), (0, "done"), (1, "2"), (1, "checkpoint-3"), (1, "done")]:
+for index, point in [(0, "after-step-3"), (0, "done"), (1, "after-step-2"), (1, "checkpoint-3"), (1, "done")]:
     ctx.state.stage_index = index
     print(index, point, flush=True)
     ctx.fault_point(point)
@@ -171,7 +171,8 @@ print("survived", flush=True)
 
 
 @pytest.mark.parametrize(("fault", "last_point"), [("online:checkpoint-3", "1 checkpoint-3"),
-                                                   ("warm:done", "0 done"), ("online:7", None), ("", None)])
+                                                   ("warm:done", "0 done"), ("online:after-step-7", None),
+                                                   ("online:after-step-2", "1 after-step-2"), ("", None)])
 def test_fault_hook_kills_only_at_its_point(fault: str, last_point: str | None) -> None:
     env = {"PYTHONPATH": str(ROOT), "CASCADE_RL_FAULT_AT": fault, "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", _HOOK], env=env, capture_output=True, text=True, timeout=120,

@@ -7,8 +7,8 @@ the operator opts in explicitly (and then with Ray token auth, ``RAY_AUTH_MODE=t
 - ``check_bind_address(host, what)``: warnings for a wildcard or public bind address (empty list when fine).
 - ``redact(params)``: hide values whose key looks like a secret, and passwords inside URLs, before params or
   resolved recipes are logged to MLflow or printed.
-- ``check_reward_spec(spec)``: a recipe names a reward by registered name or ``pkg.module:function``; URLs and
-  file paths are refused here, at the recipe level (the rewards registry refuses them again when resolving).
+- ``check_reward_spec(spec)``: the reward-reference grammar of ``rewards/registry.py``, applied at the recipe level
+  (the registry applies it again when resolving, and resolves only functions declared as rewards).
 """
 
 from __future__ import annotations
@@ -29,9 +29,6 @@ _SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key")
                            ("auth", "key"), ("client", "secret"), ("session", "key")})
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@")
 _WILDCARDS = {"0.0.0.0", "::", "[::]", "*", "", "0:0:0:0:0:0:0:0"}
-_REWARD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
-_PY_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_REWARD_IMPORT = re.compile(rf"{_PY_IDENT}(\.{_PY_IDENT})*:{_PY_IDENT}(\.{_PY_IDENT})*")
 
 
 # ---------------------------------------------------------------------------------------------- bind addresses
@@ -123,28 +120,11 @@ def _redact_value(value: Any) -> Any:
 
 
 def check_reward_spec(spec: str, key: str = "reward.terms.N.name") -> None:
-    """Raise ``ValueError`` unless ``spec`` is a registered-name-like string or ``pkg.module:function``.
+    """Raise ``ValueError`` unless ``spec`` follows the reward-reference grammar (owned by ``rewards/registry.py``:
+    a registered name or ``pkg.module:function``; URLs and file paths refused). Nothing is imported."""
+    from .rewards.registry import check_reward_spec as check
 
-    A recipe travels to a cluster and is run there: a reward must be code already installed on the nodes,
-    never fetched from a URL or loaded from a file path named in the recipe.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{key}: a reward is named by a registered name (e.g. math_verify) or "
-                         f"`pkg.module:function`; got {spec!r}")
-    s = spec.strip()
-    if "://" in s or s.lower().startswith(("file:", "data:", "http:", "https:")):
-        raise ValueError(f"{key}={spec!r}: rewards cannot be loaded from a URL. Install the code on the "
-                         f"cluster (a package or rewards/) and name it as `pkg.module:function`.")
-    if any(c in s for c in "/\\~") or s.startswith(".") or s.endswith((".py", ".pyc", ".so")):
-        raise ValueError(f"{key}={spec!r}: rewards cannot be loaded from a file path. Put the function in an "
-                         f"importable module and name it as `pkg.module:function` (e.g. my_rewards.math:score), "
-                         f"or register it in rewards/.")
-    if ":" in s:
-        if not _REWARD_IMPORT.fullmatch(s):
-            raise ValueError(f"{key}={spec!r}: expected `pkg.module:function` with Python identifiers on both "
-                             f"sides of one colon.")
-    elif not _REWARD_NAME.fullmatch(s):
-        raise ValueError(f"{key}={spec!r}: a registered reward name has letters, digits, `_`, `-` and `.` only.")
+    check(spec, key=key)
 
 
 def recipe_problems(cfg: Any) -> list[str]:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from cascade_rl.rewards import reward
+
 from cascade_rl.types import Sample
 
 

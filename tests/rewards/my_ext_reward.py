@@ -12,6 +12,7 @@ import signal
 import time
 
 from cascade_rl.rewards import reward
+
 from cascade_rl.types import Sample
 
 

@@ -24,9 +24,19 @@ REDACTED = "***REDACTED***"
 # "tokens" is deliberately absent: `max_response_tokens` and `micro_batch_tokens` are lengths, not secrets.
 _SECRET_WORDS = frozenset({"token", "password", "passwd", "pwd", "secret", "credential", "credentials",
                            "apikey", "passphrase"})
-# Adjacent word pairs that mark a secret (`api_key`, `HF_ACCESS_KEY`, `private-key`).
+# Adjacent word pairs that mark a secret (`api_key`, `HF_ACCESS_KEY`, `private-key`); written as one word
+# (`accesskey`) they count too.
 _SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"),
                            ("auth", "key"), ("client", "secret"), ("session", "key")})
+_SECRET_COMPOUNDS = frozenset(a + b for a, b in _SECRET_PAIRS)
+# A word ending in one of these is a compound secret name (`apitoken`, `authtoken`, `dbpassword`); `tokens`
+# and `tokenizer` do not end in them.
+_SECRET_SUFFIXES = ("token", "password", "passwd", "secret", "credential", "credentials", "passphrase", "apikey")
+# `key=value` inside a string (query strings, run names, messages): the value is hidden when the key is secret.
+_INLINE_ASSIGN = re.compile(r"(?P<key>[A-Za-z_][A-Za-z0-9_.\-]*)(?P<sep>=)(?P<value>[^\s&,;'\"]+)")
+# Values that are credentials whatever key they sit under (Hugging Face, OpenAI-style, GitHub, AWS, Slack).
+_TOKEN_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|"
+                          r"github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9\-]{10,})\b")
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@")
 _WILDCARDS = {"0.0.0.0", "::", "[::]", "*", "", "0:0:0:0:0:0:0:0"}
 
@@ -84,16 +94,26 @@ def _words(key: str) -> list[str]:
     return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
 
 
+def _secret_word(word: str) -> bool:
+    return word in _SECRET_WORDS or word in _SECRET_COMPOUNDS or word.endswith(_SECRET_SUFFIXES)
+
+
 def is_secret_key(key: str) -> bool:
-    """True when a (possibly dotted) key names a secret: ``hf_token``, ``tracking.password``, ``apiKey``."""
+    """True when a (possibly dotted) key names a secret: ``hf_token``, ``tracking.password``, ``apiKey``,
+    ``apitoken``. The key is split into words (``.``, ``_``, ``-``, ``/``, spaces, camelCase) and each word is
+    judged whole, so ``max_response_tokens`` and ``monkey`` are not secrets."""
     words = _words(key)
     pairs = zip(words, words[1:], strict=False)
-    return any(w in _SECRET_WORDS for w in words) or any(p in _SECRET_PAIRS for p in pairs)
+    return any(_secret_word(w) for w in words) or any(p in _SECRET_PAIRS for p in pairs)
 
 
 def redact_text(text: str) -> str:
-    """Replace the password of ``scheme://user:password@host`` URLs in a string."""
-    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    """A string with its secrets hidden: URL passwords (``scheme://user:password@host``), values of secret keys
+    written ``key=value`` (``?token=abc``, ``run-hf_token=abc``) and values shaped like known credentials
+    (``hf_…``, ``sk-…``, ``ghp_…``, ``AKIA…``). The one rule for every string reaching MLflow or the console."""
+    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", str(text))
+    text = _INLINE_ASSIGN.sub(lambda m: f"{m['key']}{m['sep']}{REDACTED}" if is_secret_key(m["key"]) else m[0], text)
+    return _TOKEN_VALUE.sub(REDACTED, text)
 
 
 def redact(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,8 +122,8 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
     Keys are judged by their words (``hf_token`` is secret, ``max_response_tokens`` is not); every string
     value also has URL passwords removed (``https://user:pw@host`` -> ``https://user:***REDACTED***@host``).
     """
-    return {k: (REDACTED if is_secret_key(k) and v not in (None, "") else _redact_value(v))
-            for k, v in params.items()}
+    return {redact_text(k) if isinstance(k, str) else k:
+            (REDACTED if is_secret_key(k) and v not in (None, "") else _redact_value(v)) for k, v in params.items()}
 
 
 def _redact_value(value: Any) -> Any:

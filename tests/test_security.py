@@ -115,3 +115,39 @@ def test_recipe_problems_names_each_bad_term() -> None:
                                                         SimpleNamespace(name="https://x/r.py")]))
     (problem,) = recipe_problems(cfg)
     assert problem.startswith("reward.terms.1.name='https://x/r.py'") and "URL" in problem
+
+
+@pytest.mark.parametrize("key", ["apitoken", "authToken", "GITHUB_ACCESSTOKEN", "dbpassword", "tracking.accesskey",
+                                 "reward.terms.0.kwargs.clientsecret"])
+def test_compound_secret_key_names_are_caught(key: str) -> None:
+    """`apitoken` slipped past the word list (params of `api_token` were redacted)."""
+    assert is_secret_key(key)
+    assert redact({key: "v4lue"}) == {key: REDACTED}
+
+
+def test_one_rule_for_tags_run_names_nested_kwargs_and_urls() -> None:
+    tags = {"team": "rl", "apitoken": "abc123", "note": "pulled from https://u:pw1@hub.example/x?token=qq9&page=2"}
+    assert redact(tags) == {"team": "rl", "apitoken": REDACTED,
+                            "note": f"pulled from https://u:{REDACTED}@hub.example/x?token={REDACTED}&page=2"}
+    assert redact_text("exp-hf_token=hf_abc-lr3") == f"exp-hf_token={REDACTED}"
+    assert redact_text("run with hf_AbCdEfGhIjKlMnOpQrStUv") == f"run with {REDACTED}"
+    assert redact_text("max_response_tokens=24 lr=3e-4") == "max_response_tokens=24 lr=3e-4"
+    nested = {"reward": {"terms": [{"name": "judge", "kwargs": {"endpoint": {"apitoken": "t0k", "retries": 2}}}]}}
+    assert redact(nested)["reward"]["terms"][0]["kwargs"]["endpoint"] == {"apitoken": REDACTED, "retries": 2}
+
+
+def test_the_driver_redacts_tags_and_the_run_name_before_mlflow(tmp_path: Path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from cascade_rl.stages import driver
+
+    cfg = load_recipe(ROOT / "recipes" / "tiny_cascade.yaml",
+                      [f"run_dir={tmp_path}", "tracking.run_name=exp-token=s3cr3t",
+                       "tracking.tags={apitoken: t0k, owner: me}"])
+    monkeypatch.setattr(driver, "_start_workers", lambda *a, **k: None)
+    driver._start(cfg, tmp_path)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["apitoken"] == REDACTED and run.data.tags["owner"] == "me"
+    assert run.info.run_name == f"exp-token={REDACTED}"
+    assert "s3cr3t" not in str(run.data.params) and "t0k" not in str(run.data.params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -180,6 +181,7 @@ class RecipeConfig:
     name: str = doc("cascade", "recipe name (MLflow run name, run folder)")
     seed: int = doc(0, "global random seed")
     run_dir: str = doc("runs/${name}", "folder for logs, checkpoints and the local MLflow store")
+    run_dir_mode: str = doc("0700", "octal permissions of a run_dir the run creates (0750: the group may read)")
     resume: str = doc("never", "never | auto (newest complete checkpoint)")
     model: ModelConfig = doc(text="policy model", factory=ModelConfig)
     data: DataConfig = doc(text="prompt datasets", factory=DataConfig)
@@ -204,15 +206,32 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: `base:` chain loops back to itself ({' -> '.join(map(str, seen))})")
     try:
         raw = OmegaConf.load(path)
-    except Exception as exc:  # yaml errors carry line numbers; keep them
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except Exception as exc:  # yaml errors carry line numbers; keep them (but never quote much of the file)
+        raise ConfigError(f"{path}: not valid YAML: {_excerpt(str(exc), 300)}") from exc
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    _check_looks_like_recipe(path, raw)
     base = raw.pop("base", None)
     if base is None:
         return raw
     parent = _read_yaml((path.parent / str(base)), seen + (path.resolve(),))
     return OmegaConf.merge(parent, raw)
+
+
+def _excerpt(text: str, limit: int = 60) -> str:
+    """At most ``limit`` characters of ``text``: an error must not print a file that is not a recipe."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
+
+
+def _check_looks_like_recipe(path: Path, raw: DictConfig) -> None:
+    """Refuse a file whose top-level keys are not recipe keys (``base: /etc/passwd``), quoting only an excerpt."""
+    known = {f.name for f in fields(RecipeConfig)} | {"base"}
+    strange = [str(k) for k in raw.keys() if str(k) not in known and not re.fullmatch(r"[A-Za-z_]\w{0,63}", str(k))]
+    if strange:
+        raise ConfigError(f"{path}: not a recipe (a recipe is a mapping of keys such as name, model, stages; this "
+                          f"file has {len(list(raw.keys()))} top-level key(s), e.g. {_excerpt(strange[0])!r}). "
+                          f"Check the path given as `base:` or on the command line.")
 
 
 def _known_keys(node: Any) -> list[str]:
@@ -344,6 +363,9 @@ def validate(cfg: RecipeConfig) -> list[str]:
     p: list[str] = []
     if cfg.resume not in ("never", "auto"):
         p.append(f"resume={cfg.resume!r}: use `never` or `auto`")
+    if not re.fullmatch(r"0?o?[0-7]{3}", str(cfg.run_dir_mode)) or not int(str(cfg.run_dir_mode)[-3:], 8) & 0o700:
+        p.append(f"run_dir_mode={cfg.run_dir_mode!r}: an octal mode such as 0700 (owner only) or 0750, quoted in "
+                 f"YAML; the owner needs access")
     if not cfg.stages:
         p.append("stages is empty: list at least one stage, e.g. `stages: [{kind: sft}]`")
     names = [s.name for s in cfg.stages]

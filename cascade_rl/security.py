@@ -14,7 +14,9 @@ the operator opts in explicitly (and then with Ray token auth, ``RAY_AUTH_MODE=t
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,6 +86,42 @@ def _public_interface_addresses() -> list[str]:
             if ip.is_global:
                 found.append(str(ip))
     return sorted(set(found))
+
+
+# ---------------------------------------------------------------------------------------------- file modes
+
+
+def make_private_dir(path: str | os.PathLike, mode: str | int = "0700") -> None:
+    """Create ``path`` (and missing parents) with ``mode`` (octal string such as "0700"); an existing folder keeps
+    the mode its owner gave it. Run folders hold checkpoints, logs and the MLflow store: owner-only by default."""
+    bits = int(str(mode)[-3:], 8) if isinstance(mode, str) else int(mode)
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, mode=bits, exist_ok=True)
+    for folder in missing:
+        os.chmod(folder, bits)  # os.makedirs applies the umask; the recipe's mode wins
+
+
+def ray_token_path() -> str:
+    """Where Ray keeps its token for ``RAY_AUTH_MODE=token`` (``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``)."""
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+
+
+def tighten_ray_token() -> bool:
+    """Make this user's Ray token file 0600 (Ray writes it 0644); True when the mode was changed. A file of
+    another owner is left alone (its owner's Ray keeps working), as is a missing one."""
+    path = ray_token_path()
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if st.st_uid != os.getuid() or not stat.S_IMODE(st.st_mode) & 0o077:
+        return False
+    os.chmod(path, 0o600)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- redaction

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from ..config import RecipeConfig, StageConfig, flatten
 from ..data.prompts import load_prompts, resolve_data_path
 from ..data.tiny_models import resolve_model_path
-from ..security import redact, redact_text
+from ..security import make_private_dir, redact, redact_text, tighten_ray_token
 from ..tracking import Tracker
 from .batching import Encoder
 from .context import RunContext
@@ -39,7 +39,7 @@ STAGES = {
 
 def run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
     run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(run_dir, cfg.run_dir_mode)  # 0700 unless the recipe widens it
     ctx = _start(cfg, run_dir)
     enc = Encoder(ctx.model_path)
     status = "FAILED"
@@ -109,6 +109,7 @@ def _start(cfg: RecipeConfig, run_dir: Path) -> RunContext:
 def _start_workers(cfg: RecipeConfig, run_dir: Path, model_path: str, tracker: Tracker, train: list, evals: list,
                    run_state: RunState, ckpt: Path | None) -> RunContext:
     init_ray(cfg)
+    tighten_ray_token()  # Ray writes ~/.ray/auth_token 0644
     learners, rollout, rewards, is_vlm = build_groups(cfg, model_path)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, model_path=model_path, tracker=tracker, learners=learners,
                      rollout=rollout, rewards=rewards, train_prompts=train, eval_prompts=evals,

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cascade_rl.stages.state import COMPLETE, DriverState, finish_checkpoint, latest_checkpoint, verify_checkpoint
+from cascade_rl.stages.state import (
+    COMPLETE,
+    DriverState,
+    finish_checkpoint,
+    latest_checkpoint,
+    verify_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

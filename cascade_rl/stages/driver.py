@@ -27,6 +27,7 @@ from .mpo import run_mpo
 from .rollout import run_rollout
 from .sft import run_sft
 from .state import DriverState, RunState, latest_checkpoint, read_driver_state
+from .storage import translate_storage_errors
 from .workers import build_groups, init_ray
 
 STAGES = {
@@ -38,6 +39,11 @@ STAGES = {
 
 
 def run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+    with translate_storage_errors(Path(cfg.run_dir).resolve()):  # disk full, read-only run_dir, bad mlflow.db...
+        return _run(cfg)
+
+
+def _run(cfg: RecipeConfig) -> dict[str, dict[str, float]]:
     run_dir = Path(cfg.run_dir).resolve()
     make_private_dir(run_dir, cfg.run_dir_mode)  # 0700 unless the recipe widens it
     ctx = _start(cfg, run_dir)

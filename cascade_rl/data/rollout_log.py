@@ -20,6 +20,7 @@ per folder and shard prefix at a time; readers may run while it writes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import uuid
@@ -64,7 +65,8 @@ assert _FIELDS == ROLLOUT_SCHEMA.names, "ROLLOUT_SCHEMA must list RolloutRecord'
 # Columns an older shard may lack; they are filled with nulls when read.
 _OPTIONAL_COLUMNS = {"error"}
 _SHARD_RE = re.compile(r"^(?P<prefix>[^.].*?)-(?P<index>\d+)(?:-(?P<end>\d+))?\.parquet$")
-COMPACT_TARGET_ROWS = 262_144  # rows per compacted shard: a few MB for typical rollouts, few files at 1M records
+COMPACT_TARGET_ROWS = 262_144  # at most this many rows per compacted shard
+COMPACT_FANOUT = 16  # shards merged at once: a few dozen files at 1M records, each record rewritten ~log16(shards) times
 TMP_PREFIX = ".tmp-"
 
 
@@ -118,34 +120,36 @@ def next_shard_index(folder: str | Path, shard_prefix: str = "shard") -> int:
     return max(ends, default=-1) + 1
 
 
-def compact_rollout_log(folder: str | Path, *, below: int, shard_prefix: str = "shard",
+def compact_rollout_log(folder: str | Path, *, below: int, shard_prefix: str = "shard", fanout: int = COMPACT_FANOUT,
                         target_rows: int = COMPACT_TARGET_ROWS) -> int:
-    """Merge runs of consecutive shards whose indices are all ``< below`` into shards of up to ``target_rows``
-    rows; returns the number of files removed. Records, their order and the shard numbering are unchanged.
+    """Merge shards whose indices are all ``< below``, ``fanout`` consecutive shards of one level at a time (a
+    level-L shard covers about ``fanout**L`` indices), up to ``target_rows`` rows per shard; returns the number of
+    files removed. Records, their order and the shard numbering are unchanged; each record is rewritten about
+    ``log_fanout(num shards)`` times in all.
 
     ``below`` is a boundary no resume can cross (the driver passes the previous checkpoint's
     ``next_shard_index``), so a compacted shard never straddles the point a resumed run sets shards aside from.
     """
     folder = Path(folder)
-    eligible = [(p, r) for p in list_shards(folder) if (r := shard_range(p)) and r[0] == shard_prefix
-                and r[2] < below]
-    groups: list[list[tuple[Path, int, int]]] = [[]]
-    rows = 0
-    for p, (_, start, end) in eligible:
-        n = _read_metadata(p).num_rows
-        if groups[-1] and (rows + n > target_rows or start != groups[-1][-1][2] + 1):
-            groups.append([])
-            rows = 0
-        groups[-1].append((p, start, end))
-        rows += n
-    removed = 0
-    for group in (g for g in groups if len(g) > 1):
-        table = pa.concat_tables([_read_shard(p, None) for p, _, _ in group])
-        merged = folder / f"{shard_prefix}-{group[0][1]:06d}-{group[-1][2]:06d}.parquet"
-        write_table_atomic(table, merged)
-        for p, _, _ in group:
-            p.unlink(missing_ok=True)
-        removed += len(group) - 1
+    removed, merged_any, rows = 0, True, {}
+    while merged_any:
+        merged_any = False
+        eligible = [(p, r[1], r[2]) for p in list_shards(folder) if (r := shard_range(p)) and r[0] == shard_prefix
+                    and r[2] < below]
+        levels = [int(math.log(end - start + 1, fanout) + 1e-9) for _, start, end in eligible]
+        i = 0
+        while i + fanout <= len(eligible):
+            run = eligible[i : i + fanout]
+            contiguous = all(b[1] == a[2] + 1 for a, b in zip(run, run[1:], strict=False))
+            if len(set(levels[i : i + fanout])) == 1 and contiguous and \
+                    sum(rows.setdefault(p, _read_metadata(p).num_rows) for p, _, _ in run) <= target_rows:
+                table = pa.concat_tables([_read_shard(p, None) for p, _, _ in run])
+                write_table_atomic(table, folder / f"{shard_prefix}-{run[0][1]:06d}-{run[-1][2]:06d}.parquet")
+                for p, _, _ in run:
+                    p.unlink(missing_ok=True)
+                removed, merged_any, i = removed + fanout - 1, True, i + fanout
+            else:
+                i += 1
     _fsync_dir(folder)
     return removed
 

@@ -215,11 +215,14 @@ def test_compaction_merges_shards_below_the_boundary_keeping_records_order_and_n
     for i in range(50):  # 50 small appends: shards 0..49
         writer.append([rec(2 * i), rec(2 * i + 1)])
     before = [r.record_id for r in read_rollout_log(tmp_path)]
-    # 30 shards below the boundary, merged by 8 rows (4 shards) per file: 8 files instead of 30, 20 left as they were
-    assert compact_rollout_log(tmp_path, below=30, target_rows=8) == 30 - 8
+    # 30 shards below the boundary, fanout 4: 0..15 become 1 level-2 shard (via four level-1 ones), 16..27 three
+    # level-1 shards, 28 and 29 stay (2 < fanout); 30..49 are not touched
+    assert compact_rollout_log(tmp_path, below=30, fanout=4) == 30 - 6
     names = [p.name for p in list_shards(tmp_path)]
-    assert names[:2] == ["shard-000000-000003.parquet", "shard-000004-000007.parquet"]
-    assert names[7] == "shard-000028-000029.parquet" and names[8] == "shard-000030.parquet" and len(names) == 28
+    assert names[:4] == ["shard-000000-000015.parquet", "shard-000016-000019.parquet", "shard-000020-000023.parquet",
+                         "shard-000024-000027.parquet"]
+    assert names[4:7] == ["shard-000028.parquet", "shard-000029.parquet", "shard-000030.parquet"] and len(names) == 26
+    assert compact_rollout_log(tmp_path, below=30, fanout=4, target_rows=7) == 0  # 8 rows per merge: over the cap
     assert [r.record_id for r in read_rollout_log(tmp_path)] == before and count_records(tmp_path) == 100
     assert next_shard_index(tmp_path) == 50
     reopened = RolloutLogWriter(tmp_path)  # resume: same ids, numbering continues after 49

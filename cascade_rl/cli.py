@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, RecipeConfig, load_recipe
+from .security import redact_text
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -84,7 +85,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         report = make_report(args.run_dir, args.output, run_id=args.run_id, tracking_uri=args.tracking_uri)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     print(report.summary())
     return 0
@@ -120,21 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:
         cause = getattr(exc, "cause", None) or exc  # a worker's error arrives wrapped in Ray's RayTaskError
         if type(cause).__name__ not in USER_FACING_ERRORS:
             raise
         # the message already names the row / worker / checkpoint and the fix; a traceback adds nothing
-        print(f"error ({type(cause).__name__}): {cause}", file=sys.stderr)
+        print(f"error ({type(cause).__name__}): {redact_text(str(cause))}", file=sys.stderr)
         return 1
 
 
 # Errors whose message is the whole story (bad data rows, a corrupt log shard, workers that keep dying, a
 # learner rank lost, an engine that cannot start): matched by name so the CLI never imports Ray or vLLM to check.
 USER_FACING_ERRORS = {"PromptDataError", "CorruptShardError", "LearnerFailedError", "WorkersKeepDyingError",
-                      "RolloutEngineError"}
+                      "RolloutEngineError", "StorageError"}
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -197,6 +198,7 @@ class RecipeConfig:
     name: str = doc("cascade", "recipe name (MLflow run name, run folder)")
     seed: int = doc(0, "global random seed")
     run_dir: str = doc("runs/${name}", "folder for logs, checkpoints and the local MLflow store")
+    run_dir_mode: str = doc("0700", "octal permissions of a run_dir the run creates (0750: the group may read)")
     resume: Literal["never", "auto"] = doc("never", "never, or auto: continue from the newest complete checkpoint")
     model: ModelConfig = doc(text="policy model", factory=ModelConfig)
     data: DataConfig = doc(text="prompt datasets", factory=DataConfig)
@@ -221,10 +223,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: `base:` chain loops back to itself ({' -> '.join(map(str, seen))})")
     try:
         raw = OmegaConf.load(path)
-    except Exception as exc:  # yaml errors carry line numbers; keep them
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except Exception as exc:  # yaml errors carry line numbers; keep them (but never quote much of the file)
+        raise ConfigError(f"{path}: not valid YAML: {_excerpt(str(exc), 300)}") from exc
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    _check_looks_like_recipe(path, raw)
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -232,6 +235,22 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     merged = OmegaConf.merge(parent, raw)
     assert isinstance(merged, DictConfig)  # a mapping merged onto a mapping
     return merged
+
+
+def _excerpt(text: str, limit: int = 60) -> str:
+    """At most ``limit`` characters of ``text``: an error must not print a file that is not a recipe."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
+
+
+def _check_looks_like_recipe(path: Path, raw: DictConfig) -> None:
+    """Refuse a file whose top-level keys are not recipe keys (``base: /etc/passwd``), quoting only an excerpt."""
+    known = {f.name for f in fields(RecipeConfig)} | {"base"}
+    strange = [str(k) for k in raw.keys() if str(k) not in known and not re.fullmatch(r"[A-Za-z_]\w{0,63}", str(k))]
+    if strange:
+        raise ConfigError(f"{path}: not a recipe (a recipe is a mapping of keys such as name, model, stages; this "
+                          f"file has {len(list(raw.keys()))} top-level key(s), e.g. {_excerpt(strange[0])!r}). "
+                          f"Check the path given as `base:` or on the command line.")
 
 
 def _known_keys(node: Any) -> list[str]:

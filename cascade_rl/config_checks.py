@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import fields
 from typing import Any
 
@@ -15,6 +16,9 @@ from .config import STAGE_FIELDS, RecipeConfig, StageConfig, foreign_stage_key
 def validate(cfg: RecipeConfig) -> list[str]:
     """Every cross-field problem of a recipe, each naming its key and the fix (empty when fine)."""
     p: list[str] = []
+    if not re.fullmatch(r"0?o?[0-7]{3}", str(cfg.run_dir_mode)) or not int(str(cfg.run_dir_mode)[-3:], 8) & 0o700:
+        p.append(f"run_dir_mode={cfg.run_dir_mode!r}: an octal mode such as 0700 (owner only) or 0750, quoted in "
+                 f"YAML; the owner needs access")
     if not cfg.stages:
         p.append("stages is empty: list at least one stage, e.g. `stages: [{kind: sft}]`")
     names = [s.name for s in cfg.stages]

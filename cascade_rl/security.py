@@ -7,14 +7,16 @@ the operator opts in explicitly (and then with Ray token auth, ``RAY_AUTH_MODE=t
 - ``check_bind_address(host, what)``: warnings for a wildcard or public bind address (empty list when fine).
 - ``redact(params)``: hide values whose key looks like a secret, and passwords inside URLs, before params or
   resolved recipes are logged to MLflow or printed.
-- ``check_reward_spec(spec)``: a recipe names a reward by registered name or ``pkg.module:function``; URLs and
-  file paths are refused here, at the recipe level (the rewards registry refuses them again when resolving).
+- ``check_reward_spec(spec)``: the reward-reference grammar of ``rewards/registry.py``, applied at the recipe level
+  (the registry applies it again when resolving, and resolves only functions declared as rewards).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,14 +26,21 @@ REDACTED = "***REDACTED***"
 # "tokens" is deliberately absent: `max_response_tokens` and `micro_batch_tokens` are lengths, not secrets.
 _SECRET_WORDS = frozenset({"token", "password", "passwd", "pwd", "secret", "credential", "credentials",
                            "apikey", "passphrase"})
-# Adjacent word pairs that mark a secret (`api_key`, `HF_ACCESS_KEY`, `private-key`).
+# Adjacent word pairs that mark a secret (`api_key`, `HF_ACCESS_KEY`, `private-key`); written as one word
+# (`accesskey`) they count too.
 _SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"),
                            ("auth", "key"), ("client", "secret"), ("session", "key")})
+_SECRET_COMPOUNDS = frozenset(a + b for a, b in _SECRET_PAIRS)
+# A word ending in one of these is a compound secret name (`apitoken`, `authtoken`, `dbpassword`); `tokens`
+# and `tokenizer` do not end in them.
+_SECRET_SUFFIXES = ("token", "password", "passwd", "secret", "credential", "credentials", "passphrase", "apikey")
+# `key=value` inside a string (query strings, run names, messages): the value is hidden when the key is secret.
+_INLINE_ASSIGN = re.compile(r"(?P<key>[A-Za-z_][A-Za-z0-9_.\-]*)(?P<sep>=)(?P<value>[^\s&,;'\"]+)")
+# Values that are credentials whatever key they sit under (Hugging Face, OpenAI-style, GitHub, AWS, Slack).
+_TOKEN_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|"
+                          r"github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9\-]{10,})\b")
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@")
 _WILDCARDS = {"0.0.0.0", "::", "[::]", "*", "", "0:0:0:0:0:0:0:0"}
-_REWARD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
-_PY_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_REWARD_IMPORT = re.compile(rf"{_PY_IDENT}(\.{_PY_IDENT})*:{_PY_IDENT}(\.{_PY_IDENT})*")
 
 
 # ---------------------------------------------------------------------------------------------- bind addresses
@@ -79,6 +88,42 @@ def _public_interface_addresses() -> list[str]:
     return sorted(set(found))
 
 
+# ---------------------------------------------------------------------------------------------- file modes
+
+
+def make_private_dir(path: str | os.PathLike, mode: str | int = "0700") -> None:
+    """Create ``path`` (and missing parents) with ``mode`` (octal string such as "0700"); an existing folder keeps
+    the mode its owner gave it. Run folders hold checkpoints, logs and the MLflow store: owner-only by default."""
+    bits = int(str(mode)[-3:], 8) if isinstance(mode, str) else int(mode)
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, mode=bits, exist_ok=True)
+    for folder in missing:
+        os.chmod(folder, bits)  # os.makedirs applies the umask; the recipe's mode wins
+
+
+def ray_token_path() -> str:
+    """Where Ray keeps its token for ``RAY_AUTH_MODE=token`` (``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``)."""
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+
+
+def tighten_ray_token() -> bool:
+    """Make this user's Ray token file 0600 (Ray writes it 0644); True when the mode was changed. A file of
+    another owner is left alone (its owner's Ray keeps working), as is a missing one."""
+    path = ray_token_path()
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if st.st_uid != os.getuid() or not stat.S_IMODE(st.st_mode) & 0o077:
+        return False
+    os.chmod(path, 0o600)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- redaction
 
 
@@ -87,16 +132,26 @@ def _words(key: str) -> list[str]:
     return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
 
 
+def _secret_word(word: str) -> bool:
+    return word in _SECRET_WORDS or word in _SECRET_COMPOUNDS or word.endswith(_SECRET_SUFFIXES)
+
+
 def is_secret_key(key: str) -> bool:
-    """True when a (possibly dotted) key names a secret: ``hf_token``, ``tracking.password``, ``apiKey``."""
+    """True when a (possibly dotted) key names a secret: ``hf_token``, ``tracking.password``, ``apiKey``,
+    ``apitoken``. The key is split into words (``.``, ``_``, ``-``, ``/``, spaces, camelCase) and each word is
+    judged whole, so ``max_response_tokens`` and ``monkey`` are not secrets."""
     words = _words(key)
     pairs = zip(words, words[1:], strict=False)
-    return any(w in _SECRET_WORDS for w in words) or any(p in _SECRET_PAIRS for p in pairs)
+    return any(_secret_word(w) for w in words) or any(p in _SECRET_PAIRS for p in pairs)
 
 
 def redact_text(text: str) -> str:
-    """Replace the password of ``scheme://user:password@host`` URLs in a string."""
-    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    """A string with its secrets hidden: URL passwords (``scheme://user:password@host``), values of secret keys
+    written ``key=value`` (``?token=abc``, ``run-hf_token=abc``) and values shaped like known credentials
+    (``hf_…``, ``sk-…``, ``ghp_…``, ``AKIA…``). The one rule for every string reaching MLflow or the console."""
+    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", str(text))
+    text = _INLINE_ASSIGN.sub(lambda m: f"{m['key']}{m['sep']}{REDACTED}" if is_secret_key(m["key"]) else m[0], text)
+    return _TOKEN_VALUE.sub(REDACTED, text)
 
 
 def redact(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,8 +160,8 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
     Keys are judged by their words (``hf_token`` is secret, ``max_response_tokens`` is not); every string
     value also has URL passwords removed (``https://user:pw@host`` -> ``https://user:***REDACTED***@host``).
     """
-    return {k: (REDACTED if is_secret_key(k) and v not in (None, "") else _redact_value(v))
-            for k, v in params.items()}
+    return {redact_text(k) if isinstance(k, str) else k:
+            (REDACTED if is_secret_key(k) and v not in (None, "") else _redact_value(v)) for k, v in params.items()}
 
 
 def _redact_value(value: Any) -> Any:
@@ -123,28 +178,11 @@ def _redact_value(value: Any) -> Any:
 
 
 def check_reward_spec(spec: str, key: str = "reward.terms.N.name") -> None:
-    """Raise ``ValueError`` unless ``spec`` is a registered-name-like string or ``pkg.module:function``.
+    """Raise ``ValueError`` unless ``spec`` follows the reward-reference grammar (owned by ``rewards/registry.py``:
+    a registered name or ``pkg.module:function``; URLs and file paths refused). Nothing is imported."""
+    from .rewards.registry import check_reward_spec as check
 
-    A recipe travels to a cluster and is run there: a reward must be code already installed on the nodes,
-    never fetched from a URL or loaded from a file path named in the recipe.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{key}: a reward is named by a registered name (e.g. math_verify) or "
-                         f"`pkg.module:function`; got {spec!r}")
-    s = spec.strip()
-    if "://" in s or s.lower().startswith(("file:", "data:", "http:", "https:")):
-        raise ValueError(f"{key}={spec!r}: rewards cannot be loaded from a URL. Install the code on the "
-                         f"cluster (a package or rewards/) and name it as `pkg.module:function`.")
-    if any(c in s for c in "/\\~") or s.startswith(".") or s.endswith((".py", ".pyc", ".so")):
-        raise ValueError(f"{key}={spec!r}: rewards cannot be loaded from a file path. Put the function in an "
-                         f"importable module and name it as `pkg.module:function` (e.g. my_rewards.math:score), "
-                         f"or register it in rewards/.")
-    if ":" in s:
-        if not _REWARD_IMPORT.fullmatch(s):
-            raise ValueError(f"{key}={spec!r}: expected `pkg.module:function` with Python identifiers on both "
-                             f"sides of one colon.")
-    elif not _REWARD_NAME.fullmatch(s):
-        raise ValueError(f"{key}={spec!r}: a registered reward name has letters, digits, `_`, `-` and `.` only.")
+    check(spec, key=key)
 
 
 def recipe_problems(cfg: Any) -> list[str]:

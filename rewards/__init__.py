@@ -26,17 +26,20 @@ from .registry import (
     RewardLookupError,
     RewardTerm,
     Verdict,
+    check_reward_spec,
     get_reward,
     is_batched,
+    is_reward,
     list_rewards,
     register_reward,
     resolve_terms,
+    reward,
 )
 from .safe import CallTimeout, WorkerPool, call_reward, check_output, soft_time_limit
 from .scoring import RewardScorer, combine
 
 __all__ = [
     "CallTimeout", "RewardFn", "RewardLookupError", "RewardScorer", "RewardTerm", "Verdict", "WorkerPool",
-    "best_of_n", "call_reward", "check_output", "combine", "get_reward", "is_batched", "list_rewards",
-    "register_reward", "resolve_terms", "soft_time_limit",
+    "best_of_n", "call_reward", "check_output", "check_reward_spec", "combine", "get_reward", "is_batched",
+    "is_reward", "list_rewards", "register_reward", "resolve_terms", "reward", "soft_time_limit",
 ]

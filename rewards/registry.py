@@ -8,15 +8,22 @@ a float, a dict of named floats, or None ("not applicable to this sample"); a ba
     def my_reward(sample: Sample, *, bonus: float = 1.0) -> float: ...
 
 Recipes name a reward by its registered name or as ``pkg.module:function`` (imported with importlib, never from a
-file path or URL). A float subclass ``Verdict`` lets a reward attach a reason (e.g. "no answer found") that the
+file path or URL). This module owns the one reference grammar (``check_reward_spec``). A reference resolves only
+to a function declared as a reward, by ``@register_reward(name)`` or by the ``@reward`` marker, never to any other
+callable (``pydoc:pipepager`` is refused), and the module is never looked up in the current working directory
+unless that folder is on ``PYTHONPATH`` explicitly. Naming a module still imports it, which runs its top-level code
+as any Python import does: name only modules you trust. A float subclass ``Verdict`` lets a reward attach a reason (e.g. "no answer found") that the
 scorer records in ``RewardResult.errors`` while the score itself counts normally.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +35,9 @@ RewardFn = Callable[..., Any]
 _REGISTRY: dict[str, RewardFn] = {}
 _BATCHED_ATTR = "__reward_batched__"
 _NAME_ATTR = "__reward_name__"
+_MARK_ATTR = "__cascade_reward__"
 _SPEC_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_NAME_RE = re.compile(r"[A-Za-z_][\w.\-]*")
 
 
 class RewardLookupError(ValueError):
@@ -59,7 +68,7 @@ def register_reward(name: str, batched: bool = False) -> Callable[[RewardFn], Re
     A second, different function under the same name is refused; re-registering the same function (a module
     reloaded) is allowed.
     """
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.\-]*", name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"reward name {name!r} is not valid: use letters, digits, '_', '-', '.' "
                          "(':' is reserved for module:function references)")
 
@@ -72,10 +81,33 @@ def register_reward(name: str, batched: bool = False) -> Callable[[RewardFn], Re
                 f"@register_reward({name + '_v2'!r}).")
         setattr(fn, _BATCHED_ATTR, bool(batched))
         setattr(fn, _NAME_ATTR, name)
+        setattr(fn, _MARK_ATTR, True)
         _REGISTRY[name] = fn
         return fn
 
     return wrap
+
+
+def reward(fn: RewardFn | None = None, *, batched: bool = False) -> Any:
+    """Mark ``fn`` as a reward without registering a name, so a recipe may reference it as ``module:function``.
+
+        @reward
+        def my_score(sample: Sample) -> float: ...
+
+        @reward(batched=True)
+        def my_batch(samples: list[Sample]) -> list[float]: ...
+    """
+    def wrap(f: RewardFn) -> RewardFn:
+        setattr(f, _BATCHED_ATTR, bool(batched))
+        setattr(f, _MARK_ATTR, True)
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def is_reward(fn: Any) -> bool:
+    """Whether ``fn`` was declared a reward (``@register_reward`` or ``@reward``)."""
+    return getattr(fn, _MARK_ATTR, False) is True
 
 
 def is_batched(fn: RewardFn) -> bool:
@@ -83,14 +115,54 @@ def is_batched(fn: RewardFn) -> bool:
     return bool(getattr(fn, _BATCHED_ATTR, getattr(fn, "batched", False)))
 
 
-def _check_spec(spec: str) -> None:
+def check_reward_spec(spec: Any, key: str = "reward") -> None:
+    """Raise ``RewardLookupError`` (a ``ValueError``, message starting with ``key``) unless ``spec`` is a
+    registered-name-like string or ``pkg.module:function``: the one reward-reference grammar. Nothing is imported.
+
+    A recipe travels to a cluster and is run there: a reward is code already installed on the nodes, never
+    fetched from a URL or loaded from a file path named in the recipe.
+    """
     if not isinstance(spec, str) or not spec.strip():
-        raise RewardLookupError(f"reward name must be a non-empty string, got {spec!r}")
-    if "/" in spec or "\\" in spec or "://" in spec or spec.endswith(".py"):
-        raise RewardLookupError(
-            f"reward {spec!r} looks like a file path or URL; rewards are referenced by registered name or as an "
-            "importable `pkg.module:function` (put the module on PYTHONPATH or in an installed package). "
-            "Files and URLs are never loaded.")
+        raise RewardLookupError(f"{key}: a reward is named by a registered name (e.g. math_verify) or "
+                                f"`pkg.module:function`; got {spec!r}")
+    s = spec.strip()
+    if "://" in s or s.lower().startswith(("file:", "data:", "http:", "https:")):
+        raise RewardLookupError(f"{key}={spec!r}: rewards cannot be loaded from a URL (file path or URL refused). "
+                                f"Install the code on the cluster and name it as `pkg.module:function`.")
+    if any(c in s for c in "/\\~") or s.startswith(".") or s.endswith((".py", ".pyc", ".so")):
+        raise RewardLookupError(f"{key}={spec!r}: rewards cannot be loaded from a file path (file path or URL "
+                                f"refused). Put the function in an importable module and name it as "
+                                f"`pkg.module:function` (e.g. my_rewards.math:score), or register it in rewards/.")
+    if ":" in s:
+        if not _SPEC_RE.match(s):
+            raise RewardLookupError(f"{key}={spec!r} is not of the form `pkg.module:function` (Python "
+                                    f"identifiers on both sides of one colon)")
+    elif not _NAME_RE.fullmatch(s):
+        raise RewardLookupError(f"{key}={spec!r}: a registered reward name has letters, digits, `_`, `-` and "
+                                f"`.` only (registered name expected)")
+
+
+def _check_spec(spec: str) -> None:
+    check_reward_spec(spec, key="reward")
+
+
+def _is_implicit_cwd(entry: str) -> bool:
+    """A ``sys.path`` entry that is the working directory and was not asked for in ``PYTHONPATH``."""
+    cwd = os.getcwd()
+    explicit = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    return (entry == "" or os.path.abspath(entry) == cwd) and cwd not in explicit
+
+
+@contextlib.contextmanager
+def _without_implicit_cwd() -> Any:
+    """Import with the working directory left off ``sys.path`` (``python -m`` puts it first implicitly)."""
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if not _is_implicit_cwd(p)]
+    try:
+        yield
+    finally:
+        kept = [p for p in sys.path if p not in saved]  # entries the import itself added stay
+        sys.path[:] = saved + kept
 
 
 def _import_ref(spec: str) -> RewardFn:
@@ -99,16 +171,22 @@ def _import_ref(spec: str) -> RewardFn:
                                 "(dotted module path, one ':', then the function name)")
     module_name, _, attr = spec.partition(":")
     try:
-        obj: Any = importlib.import_module(module_name)
+        with _without_implicit_cwd():
+            obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise RewardLookupError(f"reward {spec!r}: cannot import module {module_name!r} ({exc}); is it on "
-                                "PYTHONPATH / installed?") from exc
+        raise RewardLookupError(f"reward {spec!r}: cannot import module {module_name!r} ({exc}); is it installed or "
+                                "on PYTHONPATH? The working directory is not searched unless PYTHONPATH names "
+                                "it.") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise RewardLookupError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise RewardLookupError(f"reward {spec!r}: {attr!r} is a {type(obj).__name__}, not a function")
+    if not is_reward(obj):
+        raise RewardLookupError(f"reward {spec!r}: {attr!r} is not declared as a reward. Only functions decorated "
+                                "with @reward or @register_reward(name) (from cascade_rl.rewards) can be named in "
+                                "a recipe; any other callable is refused.")
     return obj
 
 

@@ -115,3 +115,86 @@ def test_recipe_problems_names_each_bad_term() -> None:
                                                         SimpleNamespace(name="https://x/r.py")]))
     (problem,) = recipe_problems(cfg)
     assert problem.startswith("reward.terms.1.name='https://x/r.py'") and "URL" in problem
+
+
+@pytest.mark.parametrize("key", ["apitoken", "authToken", "GITHUB_ACCESSTOKEN", "dbpassword", "tracking.accesskey",
+                                 "reward.terms.0.kwargs.clientsecret"])
+def test_compound_secret_key_names_are_caught(key: str) -> None:
+    """`apitoken` slipped past the word list (params of `api_token` were redacted)."""
+    assert is_secret_key(key)
+    assert redact({key: "v4lue"}) == {key: REDACTED}
+
+
+def test_one_rule_for_tags_run_names_nested_kwargs_and_urls() -> None:
+    tags = {"team": "rl", "apitoken": "abc123", "note": "pulled from https://u:pw1@hub.example/x?token=qq9&page=2"}
+    assert redact(tags) == {"team": "rl", "apitoken": REDACTED,
+                            "note": f"pulled from https://u:{REDACTED}@hub.example/x?token={REDACTED}&page=2"}
+    assert redact_text("exp-hf_token=hf_abc-lr3") == f"exp-hf_token={REDACTED}"
+    assert redact_text("run with hf_AbCdEfGhIjKlMnOpQrStUv") == f"run with {REDACTED}"
+    assert redact_text("max_response_tokens=24 lr=3e-4") == "max_response_tokens=24 lr=3e-4"
+    nested = {"reward": {"terms": [{"name": "judge", "kwargs": {"endpoint": {"apitoken": "t0k", "retries": 2}}}]}}
+    assert redact(nested)["reward"]["terms"][0]["kwargs"]["endpoint"] == {"apitoken": REDACTED, "retries": 2}
+
+
+def test_the_driver_redacts_tags_and_the_run_name_before_mlflow(tmp_path: Path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from cascade_rl.stages import driver
+
+    cfg = load_recipe(ROOT / "recipes" / "tiny_cascade.yaml",
+                      [f"run_dir={tmp_path}", "tracking.run_name=exp-token=s3cr3t",
+                       "tracking.tags={apitoken: t0k, owner: me}"])
+    monkeypatch.setattr(driver, "_start_workers", lambda *a, **k: None)
+    driver._start(cfg, tmp_path)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["apitoken"] == REDACTED and run.data.tags["owner"] == "me"
+    assert run.info.run_name == f"exp-token={REDACTED}"
+    assert "s3cr3t" not in str(run.data.params) and "t0k" not in str(run.data.params)
+
+
+def test_run_dir_is_created_owner_only_and_the_recipe_can_widen_it(tmp_path: Path, monkeypatch) -> None:
+    import stat
+
+    from cascade_rl.config_checks import validate
+    from cascade_rl.stages import driver
+
+    monkeypatch.setattr(driver, "_start", lambda cfg, run_dir: (_ for _ in ()).throw(RuntimeError("stop here")))
+    for mode, want in (("0700", 0o700), ("0750", 0o750)):
+        run_dir = tmp_path / mode / "run"
+        cfg = load_recipe(ROOT / "recipes" / "tiny_cascade.yaml", [f"run_dir={run_dir}", f"run_dir_mode='{mode}'"])
+        with pytest.raises(RuntimeError, match="stop here"):
+            driver.run(cfg)
+        assert stat.S_IMODE(run_dir.stat().st_mode) == want and stat.S_IMODE(run_dir.parent.stat().st_mode) == want
+    cfg = load_recipe(ROOT / "recipes" / "tiny_cascade.yaml", [f"run_dir={tmp_path}"])
+    cfg.run_dir_mode = "0055"
+    assert any(p.startswith("run_dir_mode='0055'") for p in validate(cfg))
+
+
+def test_ray_token_file_is_made_0600_only_when_it_is_ours(tmp_path: Path, monkeypatch) -> None:
+    import stat
+
+    from cascade_rl.security import tighten_ray_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert tighten_ray_token() is False  # no token file: nothing created
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("t")
+    token.chmod(0o644)  # as Ray writes it
+    assert tighten_ray_token() is True and stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert tighten_ray_token() is False and token.read_text() == "t"
+
+
+def test_base_pointing_at_a_non_recipe_quotes_only_an_excerpt(tmp_path: Path) -> None:
+    from cascade_rl.config import ConfigError
+
+    secret = tmp_path / "passwd"
+    secret.write_text("".join(f"user{i}:x:{i}:{i}:User {i}:/home/user{i}:/bin/bash\n" for i in range(40)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {secret}\nname: x\n")
+    with pytest.raises(ConfigError, match="not a recipe") as info:
+        load_recipe(recipe, [])
+    msg = str(info.value)
+    assert len(msg) < 400 and "user39" not in msg and str(secret) in msg

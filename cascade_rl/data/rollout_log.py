@@ -6,8 +6,13 @@ Layout (``docs/rollout_logs.md`` has the full schema)::
     <folder>/shard-000001.parquet
     <folder>/.tmp-<uuid>.parquet    a write in progress (or left by a crash): ignored by readers
 
+    <folder>/shard-000000-000063.parquet   a compacted shard: the records of shards 0..63, merged
+
 Crash safety: a shard is written to ``.tmp-<uuid>.parquet``, fsynced, then renamed with ``os.replace``, so a
-reader sees a whole shard or none. A writer opened on an existing folder continues the shard numbering and loads
+reader sees a whole shard or none. Compaction (``compact_rollout_log``) writes the merged shard the same way, under
+a name that says which shard indices it covers, then deletes the shards it replaces; a shard covered by a
+compacted one (left by a crash in between) is ignored by readers and deleted by the next writer, so no record is
+read twice. Shard *indices* (not file counts) are what a checkpoint records: ``next_shard_index``. A writer opened on an existing folder continues the shard numbering and loads
 every ``record_id`` already logged, so a resumed run appends without losing or duplicating records. One writer
 per folder and shard prefix at a time; readers may run while it writes.
 """
@@ -15,6 +20,7 @@ per folder and shard prefix at a time; readers may run while it writes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import uuid
@@ -58,7 +64,9 @@ _FIELDS = [f.name for f in dataclasses.fields(RolloutRecord)]
 assert _FIELDS == ROLLOUT_SCHEMA.names, "ROLLOUT_SCHEMA must list RolloutRecord's fields in order"
 # Columns an older shard may lack; they are filled with nulls when read.
 _OPTIONAL_COLUMNS = {"error"}
-_SHARD_RE = re.compile(r"^(?P<prefix>[^.].*)-(?P<index>\d+)\.parquet$")
+_SHARD_RE = re.compile(r"^(?P<prefix>[^.].*?)-(?P<index>\d+)(?:-(?P<end>\d+))?\.parquet$")
+COMPACT_TARGET_ROWS = 262_144  # at most this many rows per compacted shard
+COMPACT_FANOUT = 16  # shards merged at once: a few dozen files at 1M records, each record rewritten ~log16(shards) times
 TMP_PREFIX = ".tmp-"
 
 
@@ -66,18 +74,84 @@ class CorruptShardError(ValueError):
     """A shard that cannot be read as parquet (truncated copy, disk full, foreign file)."""
 
 
+def shard_range(path: Path) -> tuple[str, int, int] | None:
+    """``(prefix, first index, last index)`` of a shard name (a plain shard covers one index), else None."""
+    m = _SHARD_RE.match(path.name)
+    if not m:
+        return None
+    start = int(m["index"])
+    return m["prefix"], start, int(m["end"]) if m["end"] else start
+
+
+def _all_shards(folder: Path) -> list[Path]:
+    def key(p: Path) -> tuple[str, int, int]:
+        r = shard_range(p)
+        return (r[0], r[1], -r[2]) if r else (p.name, -1, 0)
+
+    return sorted((p for p in folder.glob("*.parquet") if not p.name.startswith(".") and p.is_file()), key=key)
+
+
+def _covered(shards: list[Path]) -> set[Path]:
+    """Shards whose indices a larger compacted shard of the same prefix also holds (a crash mid-compaction)."""
+    ranges = [(p, r) for p in shards if (r := shard_range(p)) is not None]
+    compacted = [(p, r) for p, r in ranges if r[1] != r[2]]  # only a compacted shard can cover another
+    return {p for p, r in ranges for q, o in compacted
+            if q is not p and o[0] == r[0] and o[1] <= r[1] and r[2] <= o[2] and o != r}
+
+
 def list_shards(folder: str | Path) -> list[Path]:
-    """The shards of a log, ordered by (prefix, index); hidden files (``.tmp-*`` included) are left out."""
+    """The shards of a log, ordered by (prefix, index); hidden files (``.tmp-*`` included) are left out, and so
+    are shards a compacted shard already holds."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"rollout log folder {folder} does not exist (or is not a folder); check the path, "
                                 f"or run a `rollout` stage / `cascade-rl logs import` to create it")
+    shards = _all_shards(folder)
+    covered = _covered(shards)
+    return [p for p in shards if p not in covered]
 
-    def key(p: Path) -> tuple[str, int]:
-        m = _SHARD_RE.match(p.name)
-        return (m["prefix"], int(m["index"])) if m else (p.name, -1)
 
-    return sorted((p for p in folder.glob("*.parquet") if not p.name.startswith(".") and p.is_file()), key=key)
+def next_shard_index(folder: str | Path, shard_prefix: str = "shard") -> int:
+    """One past the highest shard index written under ``shard_prefix`` (0 for a missing or empty log): what a
+    checkpoint records, so a resumed run can set aside exactly the shards written after it."""
+    folder = Path(folder)
+    ends = [r[2] for p in (_all_shards(folder) if folder.is_dir() else []) if (r := shard_range(p)) and
+            r[0] == shard_prefix]
+    return max(ends, default=-1) + 1
+
+
+def compact_rollout_log(folder: str | Path, *, below: int, shard_prefix: str = "shard", fanout: int = COMPACT_FANOUT,
+                        target_rows: int = COMPACT_TARGET_ROWS) -> int:
+    """Merge shards whose indices are all ``< below``, ``fanout`` consecutive shards of one level at a time (a
+    level-L shard covers about ``fanout**L`` indices), up to ``target_rows`` rows per shard; returns the number of
+    files removed. Records, their order and the shard numbering are unchanged; each record is rewritten about
+    ``log_fanout(num shards)`` times in all.
+
+    ``below`` is a boundary no resume can cross (the driver passes the previous checkpoint's
+    ``next_shard_index``), so a compacted shard never straddles the point a resumed run sets shards aside from.
+    """
+    folder = Path(folder)
+    removed, merged_any, rows = 0, True, {}
+    while merged_any:
+        merged_any = False
+        eligible = [(p, r[1], r[2]) for p in list_shards(folder) if (r := shard_range(p)) and r[0] == shard_prefix
+                    and r[2] < below]
+        levels = [int(math.log(end - start + 1, fanout) + 1e-9) for _, start, end in eligible]
+        i = 0
+        while i + fanout <= len(eligible):
+            run = eligible[i : i + fanout]
+            contiguous = all(b[1] == a[2] + 1 for a, b in zip(run, run[1:], strict=False))
+            if len(set(levels[i : i + fanout])) == 1 and contiguous and \
+                    sum(rows.setdefault(p, _read_metadata(p).num_rows) for p, _, _ in run) <= target_rows:
+                table = pa.concat_tables([_read_shard(p, None) for p, _, _ in run])
+                write_table_atomic(table, folder / f"{shard_prefix}-{run[0][1]:06d}-{run[-1][2]:06d}.parquet")
+                for p, _, _ in run:
+                    p.unlink(missing_ok=True)
+                removed, merged_any, i = removed + fanout - 1, True, i + fanout
+            else:
+                i += 1
+    _fsync_dir(folder)
+    return removed
 
 
 def _corrupt_error(path: Path, exc: Exception) -> CorruptShardError:
@@ -253,12 +327,11 @@ class RolloutLogWriter:
         for tmp in self.folder.glob(f"{TMP_PREFIX}*"):
             tmp.unlink(missing_ok=True)
             self.num_temp_files_removed += 1
+        for leftover in _covered(_all_shards(self.folder)):  # a compaction interrupted after its rename
+            leftover.unlink(missing_ok=True)
         self.record_ids: set[str] = set()
-        self._next_index = 0
+        self._next_index = next_shard_index(self.folder, shard_prefix)
         for path in list_shards(self.folder):
-            m = _SHARD_RE.match(path.name)
-            if m and m["prefix"] == shard_prefix:
-                self._next_index = max(self._next_index, int(m["index"]) + 1)
             self.record_ids.update(_read_shard(path, ["record_id"]).column("record_id").to_pylist())
 
     def __len__(self) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config import RecipeConfig, StageConfig
 from ..data.prompts import PromptItem
+from ..data.rollout_log import compact_rollout_log, next_shard_index
 from ..tracking import Tracker
 from ..types import RewardResult, Sample
 from .protocols import EncoderProtocol, LearnerGroupProtocol, RewardGroupProtocol, RolloutGroupProtocol
@@ -134,8 +135,10 @@ class RunContext:
         self.state.stage_done = stage_done
         self.state.capture_rng()
         logs = self.run_dir / "rollouts"
-        self.state.num_log_shards = {d.name: len(list(d.glob("shard-*.parquet")))
-                                     for d in (logs.iterdir() if logs.exists() else []) if d.is_dir()}
+        folders = [d for d in (logs.iterdir() if logs.exists() else []) if d.is_dir() and "." not in d.name]
+        for d in folders:  # merge small shards, only below the previous checkpoint's boundary (see rollout_log)
+            compact_rollout_log(d, below=self.state.num_log_shards.get(d.name, 0))
+        self.state.num_log_shards = {d.name: next_shard_index(d) for d in folders}
         ckpt = checkpoint_dir(self.run_dir, self.state.stage_index, stage.name, self.state.stage_step)
         (ckpt / COMPLETE).unlink(missing_ok=True)  # rewriting a folder: it is incomplete until finished again
         self.learners.save_checkpoint(str(ckpt / "learner"), {"driver": self.state.__dict__})

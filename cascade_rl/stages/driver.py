@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from ..config import RecipeConfig, StageConfig, flatten
 from ..data.prompts import load_prompts, resolve_data_path
 from ..data.tiny_models import resolve_model_path
-from ..security import redact, redact_text
+from ..security import make_private_dir, redact, redact_text, tighten_ray_token
 from ..tracking import Tracker
 from .batching import Encoder
 from .context import RunContext
@@ -29,6 +29,7 @@ from .mpo import run_mpo
 from .rollout import run_rollout
 from .sft import run_sft
 from .state import DriverState, RunState, latest_checkpoint, read_driver_state
+from .storage import translate_storage_errors
 from .workers import build_groups, init_ray
 
 StageFn = Callable[[RunContext, StageConfig, int], None]
@@ -36,8 +37,13 @@ STAGES: dict[str, StageFn] = {"sft": run_sft, "rollout": run_rollout, "mpo": run
 
 
 def run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+    with translate_storage_errors(Path(cfg.run_dir).resolve()):  # disk full, read-only run_dir, bad mlflow.db...
+        return _run(cfg)
+
+
+def _run(cfg: RecipeConfig) -> dict[str, dict[str, float]]:
     run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(run_dir, cfg.run_dir_mode)  # 0700 unless the recipe widens it
     ctx = _start(cfg, run_dir)
     ctx.encoder = Encoder(ctx.model_path)
     status = "FAILED"
@@ -90,13 +96,24 @@ def _start(cfg: RecipeConfig, run_dir: Path) -> RunContext:
     run_state = RunState.load(run_dir) if cfg.resume == "auto" else RunState()
     ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_dir)
-    tags = {"recipe": cfg.name, **cfg.tracking.tags}
-    run_state.mlflow_run_id = tracker.start(cfg.tracking.run_name or cfg.name, tags, run_state.mlflow_run_id)
-    run_state.save(run_dir)
-    tracker.log_params(redact(flatten(cfg)))  # secrets never reach MLflow
-    resolved: Any = OmegaConf.to_container(OmegaConf.structured(cfg))
-    tracker.log_text(OmegaConf.to_yaml(redact(resolved)), "recipe/resolved.yaml")
+    tags = redact({"recipe": cfg.name, **cfg.tracking.tags})  # secrets never reach MLflow, tags and name included
+    run_name = redact_text(cfg.tracking.run_name or cfg.name)
+    run_state.mlflow_run_id = tracker.start(run_name, tags, run_state.mlflow_run_id)
+    try:  # from here on a failure must not leave the MLflow run RUNNING
+        run_state.save(run_dir)
+        tracker.log_params(redact(flatten(cfg)))
+        resolved: Any = OmegaConf.to_container(OmegaConf.structured(cfg))
+        tracker.log_text(OmegaConf.to_yaml(redact(resolved)), "recipe/resolved.yaml")
+        return _start_workers(cfg, run_dir, model_path, tracker, train, evals, run_state, ckpt)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+
+
+def _start_workers(cfg: RecipeConfig, run_dir: Path, model_path: str, tracker: Tracker, train: list, evals: list,
+                   run_state: RunState, ckpt: Path | None) -> RunContext:
     init_ray(cfg)
+    tighten_ray_token()  # Ray writes ~/.ray/auth_token 0644
     learners, rollout, rewards, is_vlm = build_groups(cfg, model_path)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, model_path=model_path, tracker=tracker, learners=learners,
                      rollout=rollout, rewards=rewards, train_prompts=train, eval_prompts=evals,
@@ -104,7 +121,12 @@ def _start(cfg: RecipeConfig, run_dir: Path) -> RunContext:
     if ckpt is not None:
         ctx.state = read_driver_state(ckpt)
         ctx.state.restore_rng()
-        learners.load_checkpoint(str(ckpt / "learner"))
+        try:
+            learners.load_checkpoint(str(ckpt / "learner"))
+        except Exception as exc:
+            raise RuntimeError(f"resume: cannot load checkpoint {ckpt} ({type(exc).__name__}: {exc}). Move that "
+                               f"folder out of {ckpt.parent} and run again with resume=auto to continue from the "
+                               f"next older complete checkpoint.") from exc
         if ctx.state.stage_done:
             ctx.state.stage_index, ctx.state.stage_step = ctx.state.stage_index + 1, 0
         ctx.state.policy_version -= 1  # sync_weights bumps it back to the checkpoint's version

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..algos.advantages import compute_group_advantages
 from ..config import StageConfig
 from ..data.pass_rate import compute_pass_rates, filter_prompts_by_pass_rate
-from ..data.rollout_log import RolloutLogWriter, read_rollout_log
+from ..data.rollout_log import RolloutLogWriter, list_shards, read_rollout_log, shard_range
 from ..types import SequenceBatch
 from .batching import epoch_order
 from .context import RunContext, reward_metrics, rollout_metrics
@@ -157,11 +157,11 @@ def _prompts_for_step(prompts: list, step: int, per_step: int, seed: int,
 def _open_log(ctx: RunContext, stage: StageConfig) -> RolloutLogWriter:
     """Shards written after the checkpoint we resume from are moved aside (kept, not counted)."""
     folder: Path = log_dir(ctx, stage.name)
-    keep = ctx.state.num_log_shards.get(stage.name, 0)
-    shards = sorted(folder.glob("shard-*.parquet"))
-    if len(shards) > keep:
+    keep = ctx.state.num_log_shards.get(stage.name, 0)  # shard index (not file count) at the checkpoint
+    later = [s for s in (list_shards(folder) if folder.is_dir() else []) if (shard_range(s) or ("", keep, 0))[1] >= keep]
+    if later:
         aside = folder.parent / f"{stage.name}.superseded" / time.strftime("%Y%m%d-%H%M%S")
         aside.mkdir(parents=True, exist_ok=True)
-        for s in shards[keep:]:
+        for s in later:
             shutil.move(str(s), aside / s.name)
     return RolloutLogWriter(folder)

@@ -6,17 +6,20 @@ Layout under ``run_dir``::
     checkpoints/s<stage>-<name>/step-<N>/
         learner/                        DeepSpeed state (weights, optimizer, LR schedule, MPO reward shift)
         driver.json                     stage index, step, data position, policy version, RNG, log shard count
-        COMPLETE                        written last: a checkpoint without it is never picked up
+        COMPLETE                        written last: every file's size and BLAKE2b hash (JSON); a checkpoint
+                                        without it, or whose files no longer match it, is never resumed from
     rollouts/<stage>/shard-*.parquet    rollout logs (see cascade_rl.data.rollout_log)
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,9 +106,57 @@ def list_complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.parent.name.split("-")[0], p.name))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = list_complete_checkpoints(run_dir)
-    return done[-1] if done else None
+def _file_digest(path: Path) -> str:
+    """BLAKE2b (16-byte digest) of a file: in the standard library and about as fast as the disk reads."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoint_files(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != COMPLETE)
+
+
+def checkpoint_manifest(ckpt: Path) -> dict[str, Any]:
+    """What COMPLETE records: ``{"hash": "blake2b-128", "files": {relative path: [size, digest]}}``."""
+    return {"hash": "blake2b-128", "files": {str(p.relative_to(ckpt)): [p.stat().st_size, _file_digest(p)]
+                                             for p in _checkpoint_files(ckpt)}}
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from (a file missing, truncated or changed), or None when it is intact.
+
+    A COMPLETE marker of the older format (no manifest) is trusted as before.
+    """
+    try:
+        manifest = json.loads((ckpt / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None  # the older "ok" marker: nothing to check against
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None
+    for rel, (size, digest) in sorted(manifest["files"].items()):
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{rel} has {actual} bytes, {size} when the checkpoint was written (truncated or replaced)"
+        if _file_digest(path) != digest:
+            return f"{rel} has changed since the checkpoint was written (its blake2b hash differs)"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, report: Callable[[str], None] | None = print) -> Path | None:
+    """The newest complete checkpoint whose files match its manifest; each newer one skipped is reported."""
+    for ckpt in reversed(list_complete_checkpoints(run_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        if report is not None:
+            report(f"resume: skipping checkpoint {ckpt}: {problem}; trying the next older complete checkpoint")
+    return None
 
 
 def read_driver_state(ckpt: Path) -> DriverState:
@@ -115,7 +166,7 @@ def read_driver_state(ckpt: Path) -> DriverState:
 def finish_checkpoint(ckpt: Path, state: DriverState, keep_last: int) -> None:
     """Write the driver state and the COMPLETE marker, then prune older checkpoints of the same stage."""
     write_json_atomic(ckpt / "driver.json", asdict(state))
-    (ckpt / COMPLETE).write_text("ok\n")
+    write_json_atomic(ckpt / COMPLETE, checkpoint_manifest(ckpt))
     siblings = sorted(p for p in ckpt.parent.glob("step-*") if (p / COMPLETE).exists())
     for old in siblings[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

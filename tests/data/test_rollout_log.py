@@ -206,3 +206,39 @@ def test_logs_cli_import_and_stats(tmp_path: Path, capsys: pytest.CaptureFixture
     assert summarize_rollout_log(tmp_path / "log")["num_records"] == 3
     assert _run_logs(["logs", "stats", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_compaction_merges_shards_below_the_boundary_keeping_records_order_and_numbering(tmp_path: Path) -> None:
+    from cascade_rl.data.rollout_log import compact_rollout_log, list_shards, next_shard_index
+
+    writer = RolloutLogWriter(tmp_path)
+    for i in range(50):  # 50 small appends: shards 0..49
+        writer.append([rec(2 * i), rec(2 * i + 1)])
+    before = [r.record_id for r in read_rollout_log(tmp_path)]
+    # 30 shards below the boundary, fanout 4: 0..15 become 1 level-2 shard (via four level-1 ones), 16..27 three
+    # level-1 shards, 28 and 29 stay (2 < fanout); 30..49 are not touched
+    assert compact_rollout_log(tmp_path, below=30, fanout=4) == 30 - 6
+    names = [p.name for p in list_shards(tmp_path)]
+    assert names[:4] == ["shard-000000-000015.parquet", "shard-000016-000019.parquet", "shard-000020-000023.parquet",
+                         "shard-000024-000027.parquet"]
+    assert names[4:7] == ["shard-000028.parquet", "shard-000029.parquet", "shard-000030.parquet"] and len(names) == 26
+    assert compact_rollout_log(tmp_path, below=30, fanout=4, target_rows=7) == 0  # 8 rows per merge: over the cap
+    assert [r.record_id for r in read_rollout_log(tmp_path)] == before and count_records(tmp_path) == 100
+    assert next_shard_index(tmp_path) == 50
+    reopened = RolloutLogWriter(tmp_path)  # resume: same ids, numbering continues after 49
+    assert reopened.record_ids == set(before) and reopened.append([rec(7), rec(100)]).name == "shard-000050.parquet"
+
+
+def test_a_compaction_interrupted_after_its_rename_never_duplicates(tmp_path: Path) -> None:
+    """The merged shard is in place but the shards it replaces were not deleted yet (a crash in between)."""
+    from cascade_rl.data.rollout_log import list_shards, read_rollout_table, write_table_atomic
+
+    writer = RolloutLogWriter(tmp_path)
+    for i in range(4):
+        writer.append([rec(i)])
+    merged = read_rollout_table(tmp_path)
+    write_table_atomic(merged.slice(0, 3), tmp_path / "shard-000000-000002.parquet")
+    assert [p.name for p in list_shards(tmp_path)] == ["shard-000000-000002.parquet", "shard-000003.parquet"]
+    assert [r.record_id for r in read_rollout_log(tmp_path)] == [rec(i).record_id for i in range(4)]
+    RolloutLogWriter(tmp_path)  # the next writer deletes the leftovers
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["shard-000000-000002.parquet", "shard-000003.parquet"]

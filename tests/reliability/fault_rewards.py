@@ -6,9 +6,12 @@ import os
 import time
 from pathlib import Path
 
+from cascade_rl.rewards import reward
+
 from cascade_rl.types import Sample
 
 
+@reward
 def index_stall_once(sample: Sample, *, stall_s: float = 30.0) -> float:
     """The sample's index, so tests can check order and count. A sample whose ``metadata["stall_marker"]`` names a
     file that does not exist yet writes it (its pid) and then stalls, so the test can kill the reward actor
@@ -23,6 +26,7 @@ def index_stall_once(sample: Sample, *, stall_s: float = 30.0) -> float:
     return float(sample.metadata["index"])
 
 
+@reward
 def exit_process(sample: Sample) -> float:
     """Ends the process that calls it: with in-process scoring, the reward actor itself dies on every try."""
     os._exit(7)

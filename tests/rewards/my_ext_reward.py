@@ -11,14 +11,18 @@ import os
 import signal
 import time
 
+from cascade_rl.rewards import reward
+
 from cascade_rl.types import Sample
 
 
+@reward
 def shout(sample: Sample, *, bonus: float = 0.0) -> float:
     """1.0 + bonus when the response is all upper case."""
     return (1.0 if sample.response.isupper() else 0.0) + bonus
 
 
+@reward
 def index_echo(sample: Sample) -> dict[str, float]:
     """Echo the sample's index, so tests can check ordering; misbehaves on request (metadata["mode"])."""
     mode = sample.metadata.get("mode")
@@ -40,17 +44,15 @@ def index_echo(sample: Sample) -> dict[str, float]:
     return {"score": 1.0, "index": float(sample.metadata["index"])}
 
 
+@reward(batched=True)
 def batched_len(samples: list[Sample]) -> list[float]:
     """Batched: each response's length."""
     return [float(len(s.response)) for s in samples]
 
 
-batched_len.batched = True  # type: ignore[attr-defined]
 
-
+@reward(batched=True)
 def batched_wrong_length(samples: list[Sample]) -> list[float]:
     """Batched, buggy: one value too few."""
     return [1.0] * (len(samples) - 1)
 
-
-batched_wrong_length.batched = True  # type: ignore[attr-defined]

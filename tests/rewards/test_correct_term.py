@@ -3,13 +3,14 @@
 import pytest
 from cascade_rl.rewards import RewardScorer
 
-from cascade_rl.config import RecipeConfig, RewardTermConfig, validate
+from cascade_rl.config import RecipeConfig, RewardTermConfig
+from cascade_rl.config_checks import validate
 from cascade_rl.types import Sample
 
 RIGHT = Sample(prompt=[{"role": "user", "content": "3+4?"}], response="\\boxed{7}", ground_truth="7")
 # boxed_format only checks for a closed \\boxed{}: 1.0 for the wrong answer too
 WRONG = Sample(prompt=[{"role": "user", "content": "3+4?"}], response="\\boxed{8}", ground_truth="7")
-TERMS = [("math_verify", 1.0, {}), ("boxed_format", 0.5, {})]
+TERMS = [RewardTermConfig("math_verify", 1.0, {}), RewardTermConfig("boxed_format", 0.5, {})]
 
 
 def _correct(terms, **kw) -> list:

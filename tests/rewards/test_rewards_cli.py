@@ -62,3 +62,14 @@ def test_check_unknown_reward_and_wired_into_main_cli(tmp_path: Path, capsys: py
 
     args = build_parser().parse_args(["rewards", "list"])
     assert args.func(args) == 0
+
+
+def test_rewards_check_refuses_a_callable_that_is_not_a_reward(tmp_path: Path, capsys) -> None:
+    """`rewards check pydoc:pipepager --kwargs '{"cmd": ...}'` ran the shell command; now it is refused."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "ex.jsonl"
+    path.write_text('{"prompt": "q", "response": "r", "answer": "a"}\n')
+    code = main(["rewards", "check", "pydoc:pipepager", "--examples", str(path),
+                 "--kwargs", json.dumps({"cmd": f"touch {marker}"}), "--workers", "0"])
+    assert code != 0 and not marker.exists()
+    assert "not declared as a reward" in capsys.readouterr().err

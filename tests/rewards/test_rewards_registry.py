@@ -81,3 +81,32 @@ def test_resolve_terms_labels_and_errors_name_the_key() -> None:
         resolve_terms([RewardTermConfig("format", "heavy", {})])
     with pytest.raises(ValueError, match=r"reward\.terms\.0\.kwargs"):
         resolve_terms([RewardTermConfig("format", 1.0, [1])])
+
+
+def test_an_arbitrary_callable_is_refused_even_when_importable() -> None:
+    """`pydoc:pipepager` with kwargs {cmd: ...} ran a shell command; only declared rewards resolve."""
+    with pytest.raises(RewardLookupError, match="not declared as a reward"):
+        get_reward("pydoc:pipepager")
+    with pytest.raises(RewardLookupError, match="not declared as a reward"):
+        resolve_terms([RewardTermConfig("pydoc:pipepager", 1.0, {"cmd": "touch /tmp/pwned"})])
+    with pytest.raises(RewardLookupError, match="not declared as a reward"):
+        get_reward("os:getcwd")
+
+
+def test_a_module_in_the_working_directory_is_not_imported(tmp_path, monkeypatch) -> None:
+    """`python -m` puts the working directory first on sys.path: a file there must not run on `validate`."""
+    import sys
+
+    marker = tmp_path / "ran"
+    (tmp_path / "cwd_trap_mod.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                             "from cascade_rl.rewards import reward\n"
+                                             "@reward\ndef score(sample):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    with pytest.raises(RewardLookupError, match="working directory is not searched"):
+        get_reward("cwd_trap_mod:score")
+    assert not marker.exists() and "cwd_trap_mod" not in sys.modules
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # asked for explicitly: imported, as any import would be
+    assert get_reward("cwd_trap_mod:score")(None) == 1.0 and marker.exists()
+    sys.modules.pop("cwd_trap_mod", None)

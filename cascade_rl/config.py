@@ -7,16 +7,14 @@ carries a one-line doc (the ``doc`` metadata) with its unit; ``docs/recipe_refer
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
 
 def doc(default: Any = MISSING, text: str = "", factory: Any = None) -> Any:
@@ -42,9 +40,15 @@ class ModelConfig:
 class DataConfig:
     train: str = doc("synthetic:arithmetic?n=2000&seed=0&split=train", "training prompts: JSONL/parquet path or synthetic:TASK?n=&seed=")
     eval: str = doc("synthetic:arithmetic?n=128&seed=12345&split=test", "held-out prompts: JSONL/parquet path or synthetic:TASK")
-    id_key: str = doc("id", "column holding a unique prompt id")
+    id_key: str | None = doc(None, "column holding a unique prompt id (null: `id` if present, else a hash of the "
+                                   "prompt); keys may be dotted for nested columns, e.g. extra_info.index")
     prompt_key: str = doc("prompt", "column holding the prompt (a string or a list of chat messages)")
-    answer_key: str = doc("answer", "column holding the ground-truth answer")
+    answer_key: str = doc("answer", "column holding the ground-truth answer, e.g. reward_model.ground_truth")
+    answer_format: Literal["raw", "gsm8k", "boxed"] = doc(
+        "raw", "how the ground truth is read from the answer cell: as is, after `####` (gsm8k), or the last "
+        "\\boxed{} (boxed)")
+    sft_target_key: str | None = doc(None, "column the sft stage trains on (null: `solution` if present, else the "
+                                           "answer cell)")
     image_key: str = doc("images", "column holding image file paths (VLM prompts)")
     system_prompt: str | None = doc(None, "system message prepended to every prompt")
 
@@ -116,6 +120,13 @@ class MPOConfig:
     batch_size: int = doc(16, "pairs per optimizer step (global)")
     max_pairs_per_prompt: int = doc(15, "cap on correctness pairs per prompt")
     logs: str | None = doc(None, "rollout log folder to build pairs from (default: this run's rollout stage)")
+    pairs: str | None = doc(None, "preference pairs to train on instead of a rollout log: JSONL/parquet file, "
+                                  "datasets folder, or an MMPR meta.json")
+    pairs_prompt_key: str | None = doc("prompt", "pairs column holding the prompt (null: the shared prefix of "
+                                                 "chosen/rejected message lists)")
+    pairs_chosen_key: str = doc("chosen", "pairs column holding the chosen response (string or message list)")
+    pairs_rejected_key: str = doc("rejected", "pairs column holding the rejected response (string or messages)")
+    pairs_image_key: str = doc("images", "pairs column holding image paths (MMPR: image)")
 
 
 @dataclass
@@ -215,96 +226,24 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(parent, raw)
 
 
-def _known_keys(node: Any) -> list[str]:
-    return [f.name for f in fields(node)] if is_dataclass(node) else []
-
-
-def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
-    """Turn an OmegaConf error into one naming the key, the file and a likely fix."""
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
-    msg = getattr(exc, "msg", str(exc)).split("\n")[0]
-    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
-        leaf = str(key).split(".")[-1]
-        parent_key = str(key).rsplit(".", 1)[0] if "." in str(key) else ""
-        candidates = _keys_at(parent_key)
-        close = difflib.get_close_matches(leaf, candidates, n=1, cutoff=0.5)
-        hint = f" Did you mean `{(parent_key + '.' if parent_key else '') + close[0]}`?" if close else ""
-        valid = f" Valid keys here: {', '.join(candidates)}." if candidates else ""
-        return ConfigError(f"{source}: unknown key `{key}`.{hint}{valid}")
-    if isinstance(exc, ValidationError):
-        expected = _type_at(str(key))
-        return ConfigError(f"{source}: wrong type for `{key}`: {msg}" + (f" (expected {expected})" if expected else ""))
-    return ConfigError(f"{source}: {msg} (key `{key}`)")
-
-
-def _node_at(dotted: str) -> Any:
-    node: Any = RecipeConfig
-    for part in [p for p in dotted.split(".") if p]:
-        if part.isdigit() or (part.startswith("[") and part.endswith("]")):
-            continue
-        hints = {f.name: f for f in fields(node)} if is_dataclass(node) else {}
-        if part not in hints:
-            return None
-        f = hints[part]
-        node = f.default_factory() if f.default_factory is not MISSING else f.default
-        if isinstance(node, list):
-            node = {"stages": StageConfig, "terms": RewardTermConfig}.get(part, None)
-    return node
-
-
-def _keys_at(dotted: str) -> list[str]:
-    node = _node_at(dotted.replace("[", ".").replace("]", ""))
-    return _known_keys(node)
-
-
-def _type_at(dotted: str) -> str:
-    parts = dotted.replace("[", ".").replace("]", "").split(".")
-    parent = _node_at(".".join(parts[:-1]))
-    if not is_dataclass(parent):
-        return ""
-    for f in fields(parent):
-        if f.name == parts[-1]:
-            return str(f.type)
-    return ""
-
-
-def _check_list_items(raw: DictConfig, source: str) -> None:
-    """Merge list items (stages, reward terms) one by one so an error can name its index."""
-    for dotted, schema in (("stages", StageConfig), ("reward.terms", RewardTermConfig)):
-        items = OmegaConf.select(raw, dotted, default=None)
-        if not isinstance(items, ListConfig):
-            continue
-        for i, item in enumerate(items):
-            try:
-                OmegaConf.merge(OmegaConf.structured(schema), item)
-            except OmegaConfBaseException as exc:
-                key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
-                exc.full_key = f"{dotted}.{i}.{key}" if key else f"{dotted}.{i}"
-                raise _explain(exc, source) from None
-
-
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeConfig:
     """Load a recipe YAML (following ``base:``), apply ``key=value`` overrides and validate it."""
+    from .overrides import apply_override, check_list_items, explain
+
     path = Path(path)
     schema = OmegaConf.structured(RecipeConfig)
     raw = _read_yaml(path)
-    _check_list_items(raw, str(path))
+    check_list_items(raw, str(path))
     try:
         merged = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as exc:
-        raise _explain(exc, str(path)) from None
+        raise explain(exc, str(path)) from None
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override `{item}` is not of the form key=value (e.g. seed=1)")
-        key, value = item.split("=", 1)
-        try:
-            OmegaConf.update(merged, key, yaml.safe_load(value) if value else "", merge=True)
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, f"command-line override `{item}`") from None
+        apply_override(merged, item)
     try:
         cfg: RecipeConfig = OmegaConf.to_object(merged)  # resolves ${...} interpolations
     except OmegaConfBaseException as exc:
-        raise _explain(exc, str(path)) from None
+        raise explain(exc, str(path)) from None
     for i, stage in enumerate(cfg.stages):
         if not stage.name:
             stage.name = stage.kind if [s.kind for s in cfg.stages].count(stage.kind) == 1 else f"{stage.kind}{i}"
@@ -455,8 +394,11 @@ def _validate_stage(i: int, s: StageConfig, cfg: RecipeConfig) -> list[str]:
                 p.append(f"{key}.mpo.terms.{j}.loss={t['loss']!r}: valid losses are {sorted(valid)}")
         if s.mpo.beta <= 0:
             p.append(f"{key}.mpo.beta={s.mpo.beta}: must be > 0")
-        if not any(x.kind == "rollout" for x in cfg.stages[:i]) and not s.mpo.logs:
-            p.append(f"{key}: mpo needs a rollout stage before it or `{key}.mpo.logs` naming a rollout log")
+        if s.mpo.pairs and s.mpo.logs:
+            p.append(f"{key}.mpo: set either `pairs` (a pairs file) or `logs` (a rollout log), not both")
+        elif not any(x.kind == "rollout" for x in cfg.stages[:i]) and not s.mpo.logs and not s.mpo.pairs:
+            p.append(f"{key}: mpo needs a rollout stage before it, `{key}.mpo.logs` naming a rollout log, or "
+                     f"`{key}.mpo.pairs` naming a preference-pairs file")
     if s.kind == "rollout" and s.num_prompts < 1:
         p.append(f"{key}.num_prompts={s.num_prompts}: must be >= 1")
     return p

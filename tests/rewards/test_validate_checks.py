@@ -53,3 +53,11 @@ def test_validate_refuses_prompts_over_max_prompt_tokens(tmp_path: Path, capsys:
     err = capsys.readouterr().err
     assert code == 1
     assert "data.train: " in err and "over model.max_prompt_tokens=64" in err
+
+
+def test_run_refuses_a_broken_reward_before_any_worker_starts(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    code = main(["run", str(RECIPE), f"run_dir={tmp_path / 'run'}",
+                 "reward.terms=[{name: 'bad_rewards:needs_bonus', kwargs: {bonu: 1}}]"])
+    assert code == 2 and "reward.terms.0 (bad_rewards:needs_bonus" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "mlflow.db").exists()  # no MLflow run, no Ray, no worker

@@ -304,8 +304,8 @@ def load_prompts(path: str | Path, *, id_key: str | None = None, prompt_key: str
     if not rows:
         raise PromptDataError(f"{path}: no rows; point data.train / data.eval at a file with prompts")
     items, problems, seen = [], [], {}
-    id_flag = f"column `{keys['id_key']}` (data.id_key)" if keys["id_key"] else \
-        "the prompt (no id column, so ids are a hash of prompt and images; set data.id_key to keep both rows)"
+    id_flag = f"in column `{keys['id_key']}` (data.id_key)" if keys["id_key"] else \
+        "derived from the prompt (no id column, so ids hash prompt and images; set data.id_key to keep both rows)"
     for i, row in enumerate(rows):
         try:
             item = _row_item(row, keys, path.parent, system_prompt)
@@ -318,7 +318,7 @@ def load_prompts(path: str | Path, *, id_key: str | None = None, prompt_key: str
             problems.append(f"row {i} (id {item.id!r}): {too_long}")
             continue
         if item.id in seen:
-            problems.append(f"row {i}: duplicate id {item.id!r} (also row {seen[item.id]}); ids from {id_flag} "
+            problems.append(f"row {i}: duplicate id {item.id!r} (also row {seen[item.id]}); ids {id_flag} "
                             "must be unique")
         seen.setdefault(item.id, i)
         items.append(item)

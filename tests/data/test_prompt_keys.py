@@ -19,8 +19,8 @@ def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 def test_derived_ids_refuse_duplicate_prompts_naming_both_rows(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "q1", "answer": "1"}, {"prompt": "q2", "answer": "2"},
                                          {"prompt": "q1", "answer": "1"}])
-    with pytest.raises(PromptDataError, match=r"row 2: duplicate id 'p-[0-9a-f]{16}' \(also row 0\); ids from the "
-                                              r"prompt \(no id column.*set data\.id_key"):
+    with pytest.raises(PromptDataError, match=r"row 2: duplicate id 'p-[0-9a-f]{16}' \(also row 0\); ids derived "
+                                              r"from the prompt \(no id column.*set data\.id_key"):
         load_prompts(path)
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cascade_rl.algos.advantages import compute_group_advantages
 from cascade_rl.rewards import RewardScorer
 from cascade_rl.rewards.registry import resolve_terms
 from cascade_rl.rewards.safe import MAX_ABS_SCORE, probe_term
+
+from cascade_rl.algos.advantages import compute_group_advantages
 from cascade_rl.types import Sample
 
 

@@ -27,42 +27,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def check_resources(cfg: RecipeConfig, *, read_prompt_rows: bool = True) -> list[str]:
-    """What ``validate`` checks beyond the recipe itself: datasets (with ``read_prompt_rows``, every row of a local
-    prompt file), rewards, model config."""
-    from .data.prompts import load_prompts, resolve_data_path
-    from .data.tiny_models import resolve_model_path
-    from .rewards import get_reward
-    from .security import check_reward_spec
+    """What ``validate`` checks beyond the recipe itself (``recipe_checks``): datasets (with ``read_prompt_rows``,
+    every row of a local prompt file), rewards called once on a real row, model config, mpo sources."""
+    from .recipe_checks import check_resources as check
 
-    problems: list[str] = []
-    d = cfg.data
-    for key in ("train", "eval"):
-        spec = getattr(d, key)
-        try:
-            path = resolve_data_path(spec, Path(cfg.run_dir) / "data", check_only=True)
-            if read_prompt_rows and not spec.startswith("synthetic:"):  # a user's file: every row, now
-                load_prompts(path, id_key=d.id_key, prompt_key=d.prompt_key, answer_key=d.answer_key,
-                             image_key=d.image_key, system_prompt=d.system_prompt)
-        except (FileNotFoundError, ValueError) as exc:  # PromptDataError is a ValueError
-            problems.append(f"data.{key}: {exc}")
-    for i, term in enumerate(cfg.reward.terms):
-        try:
-            check_reward_spec(term.name, key=f"reward.terms.{i}.name")
-        except ValueError as exc:
-            problems.append(str(exc))
-            continue
-        try:
-            get_reward(term.name)
-        except (KeyError, ValueError, ImportError) as exc:
-            problems.append(f"reward.terms.{i}.name: {exc}")
-    if not cfg.model.path.startswith("tiny:"):
-        try:
-            from transformers import AutoConfig
-
-            AutoConfig.from_pretrained(resolve_model_path(cfg.model.path))
-        except Exception as exc:  # noqa: BLE001 - any load failure is reported with the key
-            problems.append(f"model.path={cfg.model.path!r}: cannot load its config ({exc})")
-    return problems
+    return check(cfg, read_prompt_rows=read_prompt_rows)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -134,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # Errors whose message is the whole story (bad data rows, a corrupt log shard, workers that keep dying, a
 # learner rank lost, an engine that cannot start): matched by name so the CLI never imports Ray or vLLM to check.
-USER_FACING_ERRORS = {"PromptDataError", "CorruptShardError", "LearnerFailedError", "WorkersKeepDyingError",
-                      "RolloutEngineError", "StorageError"}
+USER_FACING_ERRORS = {"PromptDataError", "DataFileError", "CorruptShardError", "LearnerFailedError",
+                      "WorkersKeepDyingError", "RolloutEngineError", "StorageError"}
 
 
 if __name__ == "__main__":

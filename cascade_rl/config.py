@@ -8,7 +8,6 @@ carries a one-line doc (the ``doc`` metadata) with its unit; ``docs/recipe_refer
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -16,9 +15,8 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
 from cascade_rl.types import RewardTermConfig  # the one reward-term type, recipe to scorer
 
@@ -46,9 +44,15 @@ class ModelConfig:
 class DataConfig:
     train: str = doc("synthetic:arithmetic?n=2000&seed=0&split=train", "training prompts: JSONL/parquet path or synthetic:TASK?n=&seed=")
     eval: str = doc("synthetic:arithmetic?n=128&seed=12345&split=test", "held-out prompts: JSONL/parquet path or synthetic:TASK")
-    id_key: str = doc("id", "column holding a unique prompt id")
+    id_key: str | None = doc(None, "column holding a unique prompt id (null: `id` if present, else a hash of the "
+                                   "prompt); keys may be dotted for nested columns, e.g. extra_info.index")
     prompt_key: str = doc("prompt", "column holding the prompt (a string or a list of chat messages)")
-    answer_key: str = doc("answer", "column holding the ground-truth answer")
+    answer_key: str = doc("answer", "column holding the ground-truth answer, e.g. reward_model.ground_truth")
+    answer_format: Literal["raw", "gsm8k", "boxed"] = doc(
+        "raw", "how the ground truth is read from the answer cell: as is, after `####` (gsm8k), or the last "
+        "\\boxed{} (boxed)")
+    sft_target_key: str | None = doc(None, "column the sft stage trains on (null: `solution` if present, else the "
+                                           "answer cell)")
     image_key: str = doc("images", "column holding image file paths (VLM prompts)")
     system_prompt: str | None = doc(None, "system message prepended to every prompt")
 
@@ -129,6 +133,13 @@ class MPOConfig:
     batch_size: int = doc(16, "pairs per optimizer step (global)")
     max_pairs_per_prompt: int = doc(15, "cap on correctness pairs per prompt")
     logs: str | None = doc(None, "rollout log folder to build pairs from (default: this run's rollout stage)")
+    pairs: str | None = doc(None, "preference pairs to train on instead of a rollout log: JSONL/parquet file, "
+                                  "datasets folder, or an MMPR meta.json")
+    pairs_prompt_key: str | None = doc("prompt", "pairs column holding the prompt (null: the shared prefix of "
+                                                 "chosen/rejected message lists)")
+    pairs_chosen_key: str = doc("chosen", "pairs column holding the chosen response (string or message list)")
+    pairs_rejected_key: str = doc("rejected", "pairs column holding the rejected response (string or messages)")
+    pairs_image_key: str = doc("images", "pairs column holding image paths (MMPR: image)")
 
 
 @dataclass
@@ -253,43 +264,6 @@ def _check_looks_like_recipe(path: Path, raw: DictConfig) -> None:
                           f"Check the path given as `base:` or on the command line.")
 
 
-def _known_keys(node: Any) -> list[str]:
-    return [f.name for f in fields(node)] if is_dataclass(node) else []
-
-
-def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
-    """Turn an OmegaConf error into one naming the key, the file and a likely fix."""
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
-    msg = getattr(exc, "msg", str(exc)).split("\n")[0]
-    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
-        leaf = str(key).split(".")[-1]
-        parent_key = str(key).rsplit(".", 1)[0] if "." in str(key) else ""
-        candidates = _keys_at(parent_key)
-        close = difflib.get_close_matches(leaf, candidates, n=1, cutoff=0.5)
-        hint = f" Did you mean `{(parent_key + '.' if parent_key else '') + close[0]}`?" if close else ""
-        valid = f" Valid keys here: {', '.join(candidates)}." if candidates else ""
-        return ConfigError(f"{source}: unknown key `{key}`.{hint}{valid}")
-    if isinstance(exc, ValidationError):
-        expected = _type_at(str(key))
-        return ConfigError(f"{source}: wrong type for `{key}`: {msg}" + (f" (expected {expected})" if expected else ""))
-    return ConfigError(f"{source}: {msg} (key `{key}`)")
-
-
-def _node_at(dotted: str) -> Any:
-    node: Any = RecipeConfig
-    for part in [p for p in dotted.split(".") if p]:
-        if part.isdigit() or (part.startswith("[") and part.endswith("]")):
-            continue
-        hints = {f.name: f for f in fields(node)} if is_dataclass(node) else {}
-        if part not in hints:
-            return None
-        f = hints[part]
-        node = f.default_factory() if f.default_factory is not MISSING else f.default
-        if isinstance(node, list):
-            node = list_item_type(f)
-    return node
-
-
 def list_item_type(f: Any) -> type | None:
     """The dataclass of a ``list[XConfig]`` field's items (None for other fields)."""
     text = str(f.type)
@@ -297,43 +271,6 @@ def list_item_type(f: Any) -> type | None:
         return None
     item = globals().get(text[len("list["):-1])
     return item if isinstance(item, type) and is_dataclass(item) else None
-
-
-def _keys_at(dotted: str) -> list[str]:
-    node = _node_at(dotted.replace("[", ".").replace("]", ""))
-    return _known_keys(node)
-
-
-def _type_at(dotted: str) -> str:
-    parts = dotted.replace("[", ".").replace("]", "").split(".")
-    parent = _node_at(".".join(parts[:-1]))
-    if not is_dataclass(parent):
-        return ""
-    for f in fields(parent):
-        if f.name == parts[-1]:
-            return str(f.type)
-    return ""
-
-
-def _check_list_items(node: Any, schema: type, where: str, source: str) -> None:
-    """Merge list items (stages, reward and MPO terms) one by one, innermost first, so an error names its index."""
-    if not isinstance(node, DictConfig):
-        return
-    for f in fields(schema):
-        item_type = list_item_type(f)
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        sub = node.get(f.name) if f.name in node and (item_type or is_dataclass(default)) else None
-        if item_type is not None and isinstance(sub, ListConfig):
-            for i, item in enumerate(sub):
-                _check_list_items(item, item_type, f"{where}{f.name}.{i}.", source)
-                try:
-                    OmegaConf.merge(OmegaConf.structured(item_type), item)
-                except OmegaConfBaseException as exc:
-                    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
-                    exc.full_key = f"{where}{f.name}.{i}.{key}" if key else f"{where}{f.name}.{i}"
-                    raise _explain(exc, source) from None
-        elif is_dataclass(default):
-            _check_list_items(sub, type(default), f"{where}{f.name}.", source)
 
 
 def foreign_stage_key(i: int, kind: str, key: str) -> str:
@@ -360,26 +297,23 @@ def _raw_foreign_stage_keys(raw: DictConfig, cfg: RecipeConfig) -> list[str]:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeConfig:
     """Load a recipe YAML (following ``base:``), apply ``key=value`` overrides and validate it."""
+    from .overrides import apply_override, check_list_items, explain
+
     path = Path(path)
     schema = OmegaConf.structured(RecipeConfig)
     raw = _read_yaml(path)
-    _check_list_items(raw, RecipeConfig, "", str(path))
+    check_list_items(raw, str(path))
     try:
         merged = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as exc:
-        raise _explain(exc, str(path)) from None
+        raise explain(exc, str(path)) from None
+    assert isinstance(merged, DictConfig)  # a mapping merged onto the schema
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override `{item}` is not of the form key=value (e.g. seed=1)")
-        key, value = item.split("=", 1)
-        try:
-            OmegaConf.update(merged, key, yaml.safe_load(value) if value else "", merge=True)
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, f"command-line override `{item}`") from None
+        apply_override(merged, item)
     try:
         cfg = cast(RecipeConfig, OmegaConf.to_object(merged))  # resolves ${...} interpolations
     except OmegaConfBaseException as exc:
-        raise _explain(exc, str(path)) from None
+        raise explain(exc, str(path)) from None
     for i, stage in enumerate(cfg.stages):
         if not stage.name:
             stage.name = stage.kind if [s.kind for s in cfg.stages].count(stage.kind) == 1 else f"{stage.kind}{i}"
@@ -398,7 +332,9 @@ def recipe_with(values: Mapping[str, Any] | None = None) -> RecipeConfig:
         try:
             OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as exc:
-            raise _explain(exc, f"recipe key `{key}`") from None
+            from .overrides import explain
+
+            raise explain(exc, f"recipe key `{key}`") from None
     cfg = cast(RecipeConfig, OmegaConf.to_object(merged))
     return cfg
 

@@ -141,8 +141,11 @@ def _validate_stage(i: int, s: StageConfig, cfg: RecipeConfig) -> list[str]:
                 p.append(f"{key}.mpo.terms.{j}.weight={t.weight}: must be a finite number")
         if s.mpo.beta <= 0:
             p.append(f"{key}.mpo.beta={s.mpo.beta}: must be > 0")
-        if not any(x.kind == "rollout" for x in cfg.stages[:i]) and not s.mpo.logs:
-            p.append(f"{key}: mpo needs a rollout stage before it or `{key}.mpo.logs` naming a rollout log")
+        if s.mpo.pairs and s.mpo.logs:
+            p.append(f"{key}.mpo: set either `pairs` (a pairs file) or `logs` (a rollout log), not both")
+        elif not any(x.kind == "rollout" for x in cfg.stages[:i]) and not s.mpo.logs and not s.mpo.pairs:
+            p.append(f"{key}: mpo needs a rollout stage before it, `{key}.mpo.logs` naming a rollout log, or "
+                     f"`{key}.mpo.pairs` naming a preference-pairs file")
     if s.kind == "rollout" and s.num_prompts < 1:
         p.append(f"{key}.num_prompts={s.num_prompts}: must be >= 1")
     return p

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .data.convert import convert_jsonl
-from .data.pairs import METHODS, build_pairs, write_pairs
+from .data.pairs import METHODS, build_pairs, no_pairs_hint, write_pairs
 from .data.rollout_log import count_records, read_rollout_log, summarize_rollout_log
 
 
@@ -43,9 +43,8 @@ def cmd_pairs(args: argparse.Namespace) -> int:
                                min_prm_margin=args.min_prm_margin)
     print(json.dumps(stats.as_dict(), indent=1))
     if not pairs:
-        print(f"no pairs built from {len(records)} records in {args.logs}: pairs need prompts with both right "
-              f"and wrong responses (see dropped_* above); sample more responses per prompt or at a higher "
-              f"temperature. Nothing written.", file=sys.stderr)
+        print(f"no pairs built from {len(records)} records in {args.logs}: {no_pairs_hint(stats, str(args.logs))}. "
+              "Nothing written.", file=sys.stderr)
         return 1
     write_pairs(pairs, args.output)
     print(f"wrote {len(pairs)} pairs to {args.output}", file=sys.stderr)

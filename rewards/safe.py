@@ -11,11 +11,14 @@ Two layers enforce ``timeout_s`` for every reward call:
    a huge bigint power) the parent kills the worker, records a timeout for that call, starts a fresh worker and
    resubmits the rest of the chunk.
 
-Whatever a reward does (raise, hang, crash the process, return NaN/Inf or the wrong type) costs only that
-sample's term: its component becomes 0.0 with the error recorded, or None where the reward said "not
+Whatever a reward does (raise, hang, crash the process, exhaust memory, return NaN/Inf, a number beyond
+``MAX_ABS_SCORE`` or the wrong type) costs only that sample's term: its component becomes 0.0 with the error recorded, or None where the reward said "not
 applicable". A batched reward gets ``timeout_s`` per sample of the batch it is called with.
 
-The pool: ``num_workers`` processes started with ``spawn`` (no inherited threads, locks or CUDA state). The parent
+The pool: ``num_workers`` processes started with ``spawn`` (no inherited threads, locks or CUDA state), each the
+leader of its own process group: after every chunk a worker kills what its rewards forked and left running, and
+a killed worker takes its group with it. A worker killed by SIGKILL that the pool did not kill is reported as an
+out-of-memory kill, with the memory it was last seen using. The parent
 splits a batch into chunks, hands each idle worker one chunk, and collects one message per sample as results
 arrive (so work finished before a kill is kept); results are returned in input order.
 """
@@ -23,6 +26,7 @@ arrive (so work finished before a kill is kept); results are returned in input o
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import multiprocessing as mp
 import os
@@ -72,14 +76,23 @@ def soft_time_limit(seconds: float) -> Iterator[bool]:
         signal.signal(signal.SIGALRM, previous)
 
 
+MAX_ABS_SCORE = 1e6  # a reward beyond this is a bug (1e308 overflows the weighted total and the advantages)
+
+
 def _finite(label: str, value: Any) -> tuple[float | None, str | None]:
     if isinstance(value, bool):
         return float(value), None
     if not isinstance(value, (int, float)):
         return 0.0, f"{label} returned {type(value).__name__} {str(value)[:40]!r}; expected a float"
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        return 0.0, f"{label} returned an integer of {value.bit_length()} bits; scored 0.0 (|score| must be <= " \
+                    f"{MAX_ABS_SCORE:g})"
     if not math.isfinite(value):
         return 0.0, f"{label} returned {value}; scored 0.0"
+    if abs(value) > MAX_ABS_SCORE:
+        return 0.0, f"{label} returned {value:g}, beyond +-{MAX_ABS_SCORE:g}; scored 0.0 (rescale the reward)"
     return value, None
 
 
@@ -110,6 +123,9 @@ def check_output(label: str, out: Any) -> Outcome:
 def _describe(exc: BaseException, limit_s: float) -> str:
     if isinstance(exc, CallTimeout):
         return f"timed out after {limit_s:g} s"
+    if isinstance(exc, MemoryError):
+        return ("ran out of memory (MemoryError): the reward allocates more than the worker may use; make it "
+                "use less memory or cap its input size")
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
     return f"{type(exc).__name__}: {str(exc)[:300]}{where}"
@@ -124,6 +140,32 @@ def call_reward(fn: Callable[..., Any], arg: Any, kwargs: dict[str, Any], limit_
         raise
     except BaseException as exc:  # noqa: BLE001 - a reward's failure costs its sample, never the run
         return None, _describe(exc, limit_s)
+
+
+def probe_term(term: RewardTerm, sample: Sample, timeout_s: float) -> str | None:
+    """Call ``term`` once on ``sample`` as the scorer would (a list of one for a batched term): why it cannot
+    score, or None. Catches what would otherwise score every sample 0.0: a signature that does not take
+    ``(sample, **kwargs)`` (a misspelt kwarg), a raise, a wrong return type. Runs in this process."""
+    fn = term.load()
+    arg: Any = [sample] if term.batched else sample
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: the call below tells
+        sig = None
+    if sig is not None:
+        try:
+            sig.bind(arg, **term.kwargs)
+        except TypeError as exc:
+            return f"cannot be called as {term.spec}(sample, **{term.kwargs}): {exc}; its signature is {sig}"
+    value, err = call_reward(fn, arg, term.kwargs, timeout_s)
+    if err is not None:
+        return f"raised {err}"
+    if term.batched:
+        if not isinstance(value, (list, tuple)) or len(value) != 1:
+            return f"batched reward returned {type(value).__name__} for 1 sample; expected a list of one value"
+        value = value[0]
+    _, _, err = check_output(term.label, value)
+    return None if err is None or isinstance(value, Verdict) else err
 
 
 def _mark(progress: Any, pos: int, term: int, limit_s: float) -> None:
@@ -182,10 +224,72 @@ def run_terms(terms: Sequence[RewardTerm], items: list[Item], timeout_s: float, 
 # ---------------------------------------------------------------------------------------------- worker pool
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Pids in process group ``pgid`` other than this process (Linux ``/proc``; empty elsewhere)."""
+    me, out = os.getpid(), list[int]()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in entries:
+        if name.isdigit() and int(name) != me:
+            try:
+                if os.getpgid(int(name)) == pgid:
+                    out.append(int(name))
+            except OSError:  # gone already, or not ours to see
+                continue
+    return out
+
+
+def stop_group_members() -> int:
+    """Kill what rewards left running in this worker's process group (forked children, daemons that did not
+    leave the group) and reap our own children; return how many were killed. Only in a group leader (a pool
+    worker), never in a process that shares its group with others."""
+    pgid = os.getpgid(0)
+    if pgid != os.getpid():
+        return 0
+    members = _group_members(pgid)
+    for pid in members:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    while True:  # reap our zombies so none linger as defunct entries
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+    return len(members)
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` in MiB (Linux ``/proc``; 0.0 where unknown)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _death_reason(code: int | None, peak_rss_mb: float, max_memory_mb: int | None) -> str:
+    if code == -signal.SIGKILL:
+        seen = f"; it was last seen using {peak_rss_mb:.0f} MiB" if peak_rss_mb else ""
+        return (f"reward worker process was killed by SIGKILL during this call, most likely by the kernel's "
+                f"out-of-memory killer: the reward used too much memory{seen}. Make it use less memory"
+                + (f" (worker limit {max_memory_mb} MiB)" if max_memory_mb else ""))
+    return f"reward worker process died (exit code {code}) during this call"
+
+
 def _worker_main(conn: Any, progress: Any, terms: list[RewardTerm], timeout_s: float,
                  max_memory_mb: int | None) -> None:
     """A pool worker: load the terms, then score chunks until the parent sends None or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        os.setpgid(0, 0)  # own process group: whatever a reward forks can be found and stopped
+    except OSError:
+        pass
     if max_memory_mb:
         import resource
 
@@ -207,6 +311,7 @@ def _worker_main(conn: Any, progress: Any, terms: list[RewardTerm], timeout_s: f
             return
         chunk_id, items = msg
         run_terms(terms, items, timeout_s, conn.send, progress)
+        stop_group_members()
         conn.send(("done", chunk_id))
 
 
@@ -221,6 +326,7 @@ class _Slot:
     ready: bool = False
     chunk: list[Item] | None = None
     killed: bool = False
+    peak_rss_mb: float = 0.0
 
 
 class WorkerPool:
@@ -255,6 +361,10 @@ class WorkerPool:
 
     def _stop(self, slot: _Slot) -> None:
         slot.killed = True
+        try:
+            os.killpg(slot.proc.pid, signal.SIGKILL)  # the worker and anything a reward forked in its group
+        except OSError:
+            pass
         if slot.proc.is_alive():
             slot.proc.kill()
         slot.proc.join(timeout=5)
@@ -289,6 +399,8 @@ class WorkerPool:
         waitables = [s.conn for s in self._slots] + [s.proc.sentinel for s in self._slots]
         wait(waitables, timeout=0.05)
         for i, slot in enumerate(self._slots):
+            if slot.chunk is not None:
+                slot.peak_rss_mb = max(slot.peak_rss_mb, _rss_mb(slot.proc.pid))
             alive = self._drain(slot, results)
             overdue = self._overdue(slot)
             if alive and overdue is None:
@@ -334,7 +446,7 @@ class WorkerPool:
         running = slot.progress[START] != IDLE
         pos, term_idx = int(slot.progress[POS]), int(slot.progress[TERM])
         self._stop(slot)
-        why = overdue or f"reward worker process died (exit code {code}) during this call"
+        why = overdue or _death_reason(code, slot.peak_rss_mb, self.max_memory_mb)
         if slot.chunk is not None and running:
             label = self.labels[term_idx]
             positions = [pos] if pos >= 0 else [p for p, _, _ in slot.chunk if label not in results[p]]

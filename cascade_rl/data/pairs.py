@@ -94,7 +94,8 @@ class PairStats:
 # ---------------------------------------------------------------------------------------------------- answers
 
 
-def _last_boxed(text: str) -> str | None:
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{…}`` in ``text`` (braces balanced), or None."""
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
@@ -108,7 +109,7 @@ def _last_boxed(text: str) -> str | None:
 
 def extract_answer(text: str) -> str | None:
     """The final answer of a response: the last ``\\boxed{…}``, else the rest of the last ``Answer: …`` line."""
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
     matches = _ANSWER_RE.findall(text)
@@ -180,7 +181,8 @@ def _prm_score(record: RolloutRecord, component: str) -> float | None:
 
 def _route(method: str, group: list[RolloutRecord], prm_component: str) -> str:
     """Which pairing a prompt gets, or the drop reason when none applies."""
-    has_answer = group[0].ground_truth is not None
+    # a ground truth, or correctness labels (an imported log of labelled responses) make correctness pairs
+    has_answer = group[0].ground_truth is not None or any(r.correct is not None for r in group)
     if method == "correctness" or (method == "auto" and has_answer):
         return "correctness" if has_answer else "no_answer"
     has_prm = any(_prm_score(r, prm_component) is not None for r in group)
@@ -276,6 +278,23 @@ def build_pairs(records: Sequence[RolloutRecord], *, max_pairs_per_prompt: int =
         stats.pairs_by_method[route] = stats.pairs_by_method.get(route, 0) + len(kept)
     stats.num_pairs = len(pairs)
     return pairs, stats
+
+
+def no_pairs_hint(stats: PairStats, source: str) -> str:
+    """Why ``build_pairs`` made no pairs from ``source`` and what to change, from its drop counts."""
+    d = stats.dropped
+    if stats.num_records == 0:
+        return f"{source} holds no records; run a rollout stage first or point mpo.logs at a filled log"
+    if d["no_answer"] == stats.num_prompts:
+        return (f"none of the {stats.num_prompts} prompts in {source} has a ground truth or correctness labels, so "
+                "no response can be called right or wrong. For ready-made (chosen, rejected) pairs set "
+                "stages.N.mpo.pairs to the pairs file instead; for labelled responses import them with "
+                "`cascade-rl logs import --correct-key …`; or add a ground truth (--answer-key)")
+    if d["no_prm"] + d["small_margin"] == stats.num_prompts:
+        return f"no prompt in {source} has PRM scores with a margin of at least min_prm_margin"
+    return (f"pairs need prompts with both right and wrong responses ({d['all_correct']} prompts all right, "
+            f"{d['all_wrong']} all wrong, {d['substring']} pairs dropped by the substring rule): raise "
+            "rollout.group_size or rollout.temperature, or train the start policy longer (sft stage)")
 
 
 # ---------------------------------------------------------------------------------------------------- DropoutNTP

@@ -33,8 +33,13 @@ class Encoder:
 
 
 def sft_batch(items: list[PromptItem], enc: EncoderProtocol) -> SequenceBatch:
-    """Prompt + reference solution (``metadata['solution']``, else the answer) for the LM loss."""
-    responses = [enc.response(str(it.metadata.get("solution") or it.answer)) for it in items]
+    """Prompt + reference response (``PromptItem.sft_target``: ``data.sft_target_key``, else a ``solution``
+    column, else the answer cell) for the LM loss."""
+    missing = [it.id for it in items if not (it.sft_target or it.answer)]
+    if missing:
+        raise ValueError(f"sft: prompt(s) {missing[:5]} have no reference response (no answer and no sft target); "
+                         "set data.sft_target_key to the column holding the response to train on")
+    responses = [enc.response(str(it.sft_target or it.answer)) for it in items]
     return SequenceBatch(prompt_token_ids=[enc.prompt(it.messages) for it in items],
                          response_token_ids=responses,
                          images=[it.images for it in items] if any(it.images for it in items) else None)

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ..config import RecipeConfig, StageConfig, flatten
-from ..data.prompts import load_prompts, resolve_data_path
+from ..data.prompts import load_prompts, prompt_options, resolve_data_path
 from ..data.tiny_models import resolve_model_path
 from ..security import make_private_dir, redact, redact_text, tighten_ray_token
 from ..tracking import Tracker
@@ -88,9 +88,8 @@ def _start(cfg: RecipeConfig, run_dir: Path) -> RunContext:
 
     model_path = str(resolve_model_path(cfg.model.path))
     d = cfg.data
-    keys: dict[str, Any] = dict(id_key=d.id_key, prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
-                system_prompt=d.system_prompt, tokenizer=AutoTokenizer.from_pretrained(model_path),
-                max_prompt_tokens=cfg.model.max_prompt_tokens)
+    keys = prompt_options(d, tokenizer=AutoTokenizer.from_pretrained(model_path),
+                          max_prompt_tokens=cfg.model.max_prompt_tokens)
     train = load_prompts(resolve_data_path(d.train, run_dir / "data"), **keys)
     evals = load_prompts(resolve_data_path(d.eval, run_dir / "data"), **keys)
     run_state = RunState.load(run_dir) if cfg.resume == "auto" else RunState()

@@ -1,4 +1,5 @@
-"""``mpo`` stage: preference pairs from a rollout log, reference log-probs once, then w_p·DPO + w_q·BCO + w_g·LM.
+"""``mpo`` stage: preference pairs (from a rollout log, or a pairs file with ``mpo.pairs``), reference log-probs
+once, then w_p·DPO + w_q·BCO + w_g·LM.
 
 Pairs (with their reference log-probs from the frozen start policy) are written to ``pairs/<stage>.parquet``
 before training, so a resumed stage reuses them instead of recomputing with a moved policy.
@@ -13,7 +14,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import StageConfig
-from ..data.pairs import build_pairs, fill_token_ids, read_pairs, write_pairs
+from ..data.pair_files import load_pair_file
+from ..data.pairs import build_pairs, fill_token_ids, no_pairs_hint, read_pairs, write_pairs
 from ..data.rollout_log import read_rollout_log
 from .batching import num_batches, pair_batch, take_batches
 from .context import RunContext
@@ -33,13 +35,16 @@ def prepare_pairs(ctx: RunContext, stage: StageConfig, index: int) -> list:
     path = ctx.run_dir / "pairs" / f"{stage.name}.parquet"
     if path.exists():
         return read_pairs(path)
-    records = read_rollout_log(_source_logs(ctx, stage, index))
-    pairs, stats = build_pairs(records, max_pairs_per_prompt=stage.mpo.max_pairs_per_prompt, seed=ctx.cfg.seed)
+    if stage.mpo.pairs:  # ready-made pairs (TRL/OpenRLHF files, MMPR meta.json) instead of a rollout log
+        pairs, stats = load_pair_file(stage.mpo, key=f"stages.{index}.mpo")
+        source = stage.mpo.pairs
+    else:
+        source = str(_source_logs(ctx, stage, index))
+        pairs, stats = build_pairs(read_rollout_log(source), max_pairs_per_prompt=stage.mpo.max_pairs_per_prompt,
+                                   seed=ctx.cfg.seed)
     if not pairs:
-        raise RuntimeError(
-            f"stage `{stage.name}`: no preference pairs could be built from {len(records)} logged responses "
-            f"({json.dumps(stats.as_dict())}). Pairs need prompts with both right and wrong responses: raise "
-            f"rollout.group_size or rollout.temperature, or train the start policy longer (sft stage).")
+        raise RuntimeError(f"stage `{stage.name}`: no preference pairs from {source} "
+                           f"({json.dumps(stats.as_dict())}): {no_pairs_hint(stats, source)}")
     enc = ctx.require_encoder()
     fill_token_ids(pairs, encode_prompt=enc.prompt, encode_response=enc.response)  # imported logs lack ids
     t0 = time.perf_counter()

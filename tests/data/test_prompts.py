@@ -84,7 +84,7 @@ def test_unreadable_file_and_mixed_types(tmp_path: Path) -> None:
         load_prompts(mixed)
     broken = tmp_path / "b.jsonl"
     broken.write_text('{"id": "1", "prompt": "q", "answer": "1"}\n{"id": 2, "prompt": \n')
-    with pytest.raises(PromptDataError, match=r"b\.jsonl: cannot be read as json"):
+    with pytest.raises(PromptDataError, match=r"b\.jsonl: line 2 is not valid JSON \(Expecting value at column 20\)"):
         load_prompts(broken)
     with pytest.raises(PromptDataError, match="no rows"):
         load_prompts(_jsonl(tmp_path / "p.jsonl", [{"id": "1", "prompt": "q", "answer": "1"}]), limit=0)

@@ -158,7 +158,7 @@ def test_bad_prompt_row_names_file_row_and_fix(name: str, tmp_path: Path, tiny_l
      r"prompts\.jsonl: missing column\(s\) `prompt` \(set data\.prompt_key to the right column\)\. "
      r"Columns present: id, question, answer"),
     ("not JSON", lambda p: p.write_text('{"id": "1", "prompt": "q", "answer": "1"}\n{"id": 2, "prompt": \n'),
-     r"prompts\.jsonl: cannot be read as json"),
+     r"prompts\.jsonl: line 2 is not valid JSON \(Expecting value at column 20\)"),
     ("mixed answer types", lambda p: _write_jsonl(p, [{"id": "1", "prompt": "q", "answer": 1},
                                                       {"id": "2", "prompt": "q", "answer": {"a": 1}}]),
      r"(?s)row 1 \(id '2'\): answer .* is a dict"),

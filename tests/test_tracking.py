@@ -42,3 +42,176 @@ def test_run_params_artifact_metrics_and_resume(tmp_path: Path) -> None:
     again.end()
     assert [v for _, v in read_metric_history(tracker.uri, run_id, "train/loss")] == [1.5, 1.25, 1.0]
     assert (tmp_path / "mlartifacts").exists()
+
+
+# ---------------------------------------------------------------------------------------------- names and stores
+
+def test_no_metric_name_is_a_prefix_folder_of_another() -> None:
+    from cascade_rl.tracking import MetricNames
+
+    names = MetricNames()
+    assert names.admit("train/loss") == "train/loss"
+    assert names.admit("train/loss/bco_pair") == "train/loss_bco_pair"  # `train/loss` is a metric: no folder
+    assert names.admit("train/loss/bco_pair") == "train/loss_bco_pair"  # stable
+    assert names.admit("eval/sampled/accuracy") == "eval/sampled/accuracy"
+    assert names.admit("eval/sampled") == "eval/sampled_value"  # a folder already: the newcomer is renamed
+    assert names.admit("eval/accuracy") == "eval/accuracy"
+
+
+def test_mpo_metric_names_are_clash_free() -> None:
+    """What the learner's MPO step returns, logged as the stage logs it (``train/`` + key, next to the total
+    ``train/loss``), needs no renaming."""
+    import torch
+
+    from cascade_rl.algos.mpo import RewardShift, compute_mpo_loss
+    from cascade_rl.tracking import MetricNames
+
+    one = torch.tensor([-4.0])
+    _, metrics = compute_mpo_loss([("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)], one, one - 1, one, one - 1,
+                                  reward_shift=RewardShift(), chosen_num_tokens=torch.tensor([4]))
+    names = MetricNames()
+    for key in ["loss", *metrics]:
+        assert names.admit(f"train/{key}") == f"train/{key}"
+    assert not names.renamed and {"train/loss_bco_pair", "train/loss_sft"} <= names.names
+
+
+def test_file_store_takes_a_metric_and_its_terms(tmp_path: Path) -> None:
+    """``tracking.uri=file:…``: MLflow's file store keeps each metric as a file under its ``/`` folders."""
+    uri = (tmp_path / "mlruns").as_uri()
+    tracker = Tracker(uri, "file-exp", tmp_path)
+    run_id = tracker.start("tiny")
+    tracker.log_metrics({"train/loss": 1.0, "train/loss/bco_pair": 0.5}, step=0)
+    tracker.log_metrics({"train/loss": 0.75, "train/loss/bco_pair": 0.25}, step=1)
+    tracker.end()
+    assert tracker.num_failed_writes == 0
+    assert read_metric_history(uri, run_id, "train/loss") == [(0, 1.0), (1, 0.75)]
+    assert read_metric_history(uri, run_id, "train/loss_bco_pair") == [(0, 0.5), (1, 0.25)]
+
+
+# ---------------------------------------------------------------------------------------------- outages
+
+class FlakyClient:
+    """Wraps a real client; while ``down`` every write raises as a store error would."""
+
+    def __init__(self, client) -> None:
+        self.client, self.down, self.failed_calls = client, False, 0
+
+    def __getattr__(self, name: str):
+        real = getattr(self.client, name)
+
+        def call(*args, **kwargs):
+            if self.down:
+                self.failed_calls += 1
+                raise OSError("store unavailable")
+            return real(*args, **kwargs)
+        return call
+
+
+def test_store_errors_never_reach_training_and_are_flushed_on_recovery(tmp_path: Path, capsys) -> None:
+    tracker = Tracker(None, "flaky-exp", tmp_path, retry_max_s=0.2)
+    run_id = tracker.start("tiny")
+    tracker.client = flaky = FlakyClient(tracker.client)
+    tracker.log_metrics({"train/loss": 2.0}, step=0)
+    assert tracker.flush(30)
+    flaky.down = True
+    for step in range(1, 6):  # during the outage: no exception, nothing lost
+        tracker.log_metrics({"train/loss": 2.0 - step / 10}, step=step)
+    tracker.log_text("hello", "notes/outage.txt")
+    assert not tracker.flush(1.0)  # nothing can be sent yet
+    assert flaky.failed_calls >= 2 and tracker.num_failed_writes >= 2  # retried
+    flaky.down = False
+    tracker.end()
+    err = capsys.readouterr().err
+    assert err.count("failed (store unavailable)") == 1 and "reachable again" in err  # warned once
+    assert [s for s, _ in read_metric_history(tracker.uri, run_id, "train/loss")] == [0, 1, 2, 3, 4, 5]
+    assert mlflow.artifacts.load_text(f"runs:/{run_id}/notes/outage.txt") == "hello"
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+
+
+def test_writes_unsent_at_the_end_are_saved_and_sent_on_resume(tmp_path: Path) -> None:
+    tracker = Tracker(None, "unsent-exp", tmp_path, retry_max_s=0.2, flush_timeout_s=1.0)
+    run_id = tracker.start("tiny")
+    tracker.client = flaky = FlakyClient(tracker.client)
+    flaky.down = True
+    tracker.log_metrics({"train/loss": 1.0}, step=0)
+    tracker.end("KILLED")  # the store is still down: saved, not lost
+    assert (tmp_path / "tracking_unsent.jsonl").is_file()
+    again = Tracker(None, "unsent-exp", tmp_path)
+    again.start("tiny", run_id=run_id)
+    again.log_metrics({"train/loss": 0.5}, step=1)
+    again.end()
+    assert read_metric_history(again.uri, run_id, "train/loss") == [(0, 1.0), (1, 0.5)]
+    assert not (tmp_path / "tracking_unsent.jsonl").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(tmp_path: Path, port: int):
+    """``mlflow server`` on loopback with a sqlite backend, one worker, no job runner; waits until it answers."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        env=env, cwd=tmp_path, stdout=open(tmp_path / "server.log", "a"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+
+
+def _stop(proc) -> None:
+    import os
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)  # the server and its worker: gone, as a crashed host would be
+    proc.wait(timeout=30)
+
+
+def test_http_server_killed_mid_run_and_restarted_loses_nothing(tmp_path: Path) -> None:
+    port = _free_port()
+    server = _mlflow_server(tmp_path, port)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        tracker = Tracker(uri, "server-exp", tmp_path / "run", retry_max_s=1.0)
+        run_id = tracker.start("tiny")
+        tracker.log_params({"seed": 0})
+        for step in range(5):
+            tracker.log_metrics({"train/loss": 1.0 / (step + 1), "reward/mean": step / 10}, step=step)
+        assert tracker.flush(60)
+        _stop(server)
+        for step in range(5, 10):  # the server is gone: these return at once and are kept
+            tracker.log_metrics({"train/loss": 1.0 / (step + 1), "reward/mean": step / 10}, step=step)
+        assert server.poll() is not None  # every call above returned while the server was down
+        assert not tracker.flush(3.0) and tracker.num_failed_writes >= 1
+        server = _mlflow_server(tmp_path, port)  # back, same store
+        for step in range(10, 12):
+            tracker.log_metrics({"train/loss": 1.0 / (step + 1), "reward/mean": step / 10}, step=step)
+        tracker.end()
+        assert [s for s, _ in read_metric_history(uri, run_id, "train/loss")] == list(range(12))
+        assert [s for s, _ in read_metric_history(uri, run_id, "reward/mean")] == list(range(12))
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(uri).get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.params["seed"] == "0"
+    finally:
+        _stop(server)

@@ -159,6 +159,7 @@ class TrackingConfig:
     experiment: str = doc("cascade_rl", "MLflow experiment name")
     run_name: str | None = doc(None, "MLflow run name (default: recipe name)")
     tags: dict[str, str] = doc(text="MLflow tags", factory=dict)
+    system_metrics_s: float = doc(10.0, "seconds between system/* samples (CPU, memory, GPU with pynvml); 0 = off")
 
 
 @dataclass

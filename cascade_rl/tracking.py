@@ -106,6 +106,7 @@ class Tracker:
         self.num_failed_writes = 0  # writes that failed at least once (for tests and the summary line)
         self.num_dropped = 0
         self._sampler: SystemMetrics | None = None
+        self.observers: list[Any] = []  # called as f(metrics, step) on the caller's thread (console step lines)
 
     # ------------------------------------------------------------------ start (synchronous)
 
@@ -155,6 +156,8 @@ class Tracker:
         self._put({"op": "params", "items": {k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for observe in self.observers:
+            observe(metrics, step)
         now = int(time.time() * 1000)
         items = [[self.names.admit(k), float(v), now, step] for k, v in metrics.items()
                  if isinstance(v, (int, float)) and math.isfinite(float(v))]

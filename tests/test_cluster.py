@@ -351,7 +351,8 @@ def test_submit_tiny_recipe_end_to_end(ray_head: Head, tmp_path: Path) -> None:
 
     uri = f"sqlite:///{run_dir / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the recipe run; stages are children
     assert run.info.status == "FINISHED"
     assert run.data.params["name"] == "tiny_cascade" and run.data.params["stages.3.gspo.num_steps"] == "2"
     accuracy = client.get_metric_history(run.info.run_id, "eval/accuracy")

@@ -64,4 +64,5 @@ def run_rollout(ctx: RunContext, stage: StageConfig) -> None:
         ctx.state.global_step += 1
         ctx.log({**rollout_metrics(out), **reward_metrics(results), "perf/score_s": score_s})
         bar.update(1)
+        ctx.step_boundary()
     bar.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stdout.isatty():  # piped or a Ray job's log: one line per step instead of progress bars
+        os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it once, when first imported
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -171,7 +171,8 @@ class CheckpointConfig:
 
 @dataclass
 class RayConfig:
-    address: str | None = doc(None, "Ray address (default: the job's cluster, else a local instance)")
+    address: str | None = doc(None, "Ray to use: unset = the job's cluster under `ray job submit`, else a private "
+                              "local instance; local | auto (the head on this machine) | host:port | ray://…")
     num_cpus: int | None = doc(None, "CPUs for a local Ray instance")
     object_store_mb: int = doc(1024, "object store size of a local Ray instance (MiB)")
 

@@ -60,8 +60,9 @@ def test_ctrl_c_mid_gspo_then_resume_loses_no_step(tmp_path: Path) -> None:
     first = read_run(run_dir)
     assert first.mlflow_runs == [(first.run_id, "KILLED")]
     # console: start-up phases with their times, one line per step (stdout is a file here), library logs kept out
-    assert re.search(r"^start-up: Ray … \d+\.\d s$", out, re.M) and re.search(r"^\[gspo\] step \d+ .*reward=", out, re.M)
-    assert (run_dir / "logs" / "driver.log").is_file()
+    assert re.search(r"^start-up: Ray \d+\.\d s$", out, re.M) and re.search(r"^\[gspo\] step \d+ .*reward=", out, re.M)
+    assert "Started a local Ray instance" not in out and "Creating initial MLflow database" not in out
+    assert "Started a local Ray instance" in (run_dir / "logs" / "driver.log").read_text()  # kept, in the file
 
     assert run_cli(run_dir, [*SMALL_HF, "resume=auto"], log=log) == 0, log.read_text()[-4000:]
     facts = read_run(run_dir)

@@ -81,13 +81,9 @@ def setup_logging(run_dir: Path, verbose: bool) -> Path:
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(h)
     root.setLevel(logging.INFO)
-    for name in ("mlflow", "ray", "vllm", "transformers", "deepspeed", "torch", "alembic", "urllib3", "py.warnings"):
-        lg = logging.getLogger(name)
-        if not verbose:  # their own console handlers would print anyway: keep them to the file
-            for h in [h for h in lg.handlers if isinstance(h, logging.StreamHandler)
-                      and not isinstance(h, logging.FileHandler)]:
-                lg.removeHandler(h)
-        lg.propagate = True
+    global _VERBOSE
+    _VERBOSE = verbose
+    quiet_libraries()
     logging.captureWarnings(True)
     if not verbose:
         warnings.simplefilter("default")
@@ -95,15 +91,33 @@ def setup_logging(run_dir: Path, verbose: bool) -> Path:
     return path
 
 
+LIBRARIES = ("mlflow", "ray", "vllm", "transformers", "datasets", "deepspeed", "torch", "alembic", "urllib3",
+             "py.warnings")
+_VERBOSE = False
+
+
+def quiet_libraries() -> None:
+    """Route the libraries' loggers to the root logger (the run's log file) instead of their own console
+    handlers, which each adds when first imported; called again after each start-up phase imports more."""
+    for name in LIBRARIES:
+        lg = logging.getLogger(name)
+        if not _VERBOSE:
+            for h in [h for h in lg.handlers if isinstance(h, logging.StreamHandler)
+                      and not isinstance(h, logging.FileHandler)]:
+                lg.removeHandler(h)
+        lg.propagate = True
+
+
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """``start-up: <name> … 3.2 s`` — one line per start-up phase."""
+    """``start-up: <name> 3.2 s`` — one line as each start-up phase ends."""
     t0 = time.perf_counter()
-    print(f"start-up: {name} …", end="", flush=True)
+    quiet_libraries()
     try:
         yield
     finally:
-        print(f" {time.perf_counter() - t0:.1f} s", flush=True)
+        quiet_libraries()
+        print(f"start-up: {name} {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 # metrics that close one step of a stage, and what its line shows
@@ -131,6 +145,5 @@ def use_step_lines(tracker: Any) -> bool:
     """Progress bars on a terminal; one line per step elsewhere (a pipe, a file, a Ray job's log)."""
     if sys.stdout.isatty():
         return False
-    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when each bar is made
-    tracker.observers.append(StepLines(tracker))
+    tracker.observers.append(StepLines(tracker))  # the CLI turned tqdm's bars off (TQDM_DISABLE) already
     return True

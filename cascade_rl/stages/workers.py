@@ -18,14 +18,17 @@ from ..config import RecipeConfig
 def init_ray(cfg: RecipeConfig, verbose: bool = False) -> str:
     """Start or join Ray as ``ray.address`` says, and return where it went (``local`` or the address joined).
 
-    ``ray.address``: unset = the job's cluster when ``ray job submit`` started this driver (``RAY_ADDRESS``), else a
-    private local instance; ``local`` = always a private local instance, even beside a ``ray start`` head on this
+    ``ray.address``: unset = the job's cluster when ``ray job submit`` started this driver (its ``RAY_ADDRESS``),
+    else a private local instance (a ``RAY_ADDRESS`` exported in a shell is not followed silently); ``local`` = always a private local instance, even beside a ``ray start`` head on this
     machine (never attached silently); ``auto`` = the head running on this machine; ``host:port`` / ``ray://…`` =
     that cluster. A local instance has token auth, no dashboard, and its agent on a free port (never the job agent
     port 52365 a ``ray start`` head needs); docs/multinode.md lists the ports it opens.
     """
     import ray
 
+    from .console import quiet_libraries
+
+    quiet_libraries()  # `import ray` gave its loggers console handlers: keep them to the run's log file
     if ray.is_initialized():
         return "attached"
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # tensors through collective_rpc
@@ -34,7 +37,11 @@ def init_ray(cfg: RecipeConfig, verbose: bool = False) -> str:
                                            "TORCH_EXTENSIONS_DIR", "CASCADE_RL_CACHE", "HF_HUB_OFFLINE",
                                            "VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY")
                 if k in os.environ}
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by `ray job submit` for the entrypoint
+    address = cfg.ray.address or (os.environ.get("RAY_ADDRESS") if in_job else None) or "local"
+    if not cfg.ray.address and not in_job and os.environ.get("RAY_ADDRESS"):
+        print(f"Ray: RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set in this shell, but this run is not a Ray job: "
+              "starting a private local instance (ray.address=auto or an address joins a cluster)", flush=True)
     if address != "local":
         # Ray refuses a driver runtime env that repeats a key the job's runtime env already sets.
         job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")

@@ -115,11 +115,13 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is None:
             artifacts = (self.run_dir / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite") else None
-            # a training experiment: the UI opens its classic runs view, not the GenAI (traces) one
+            # a training experiment: the UI opens its runs and charts view, not the GenAI (traces) one
             self.experiment_id = self.client.create_experiment(
                 self.experiment, artifact_location=artifacts, tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             self.experiment_id = exp.experiment_id
+            if "mlflow.experimentKind" not in exp.tags:
+                self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id

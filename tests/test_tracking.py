@@ -215,3 +215,59 @@ def test_http_server_killed_mid_run_and_restarted_loses_nothing(tmp_path: Path) 
         assert run.info.status == "FINISHED" and run.data.params["seed"] == "0"
     finally:
         _stop(server)
+
+
+# ---------------------------------------------------------------------------------------------- the view
+
+def test_stages_are_child_runs_with_a_boundary_staircase(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    tracker = Tracker(None, "stages-exp", tmp_path)
+    run_id = tracker.start("tiny", {"mlflow.source.git.commit": "abc123", "cascade_rl.recipe_hash": "f00d"})
+    tracker.log_metrics({"eval/accuracy": 0.0}, step=0)  # the start evaluation: before any stage
+    tracker.begin_stage("rollout", 1, "rollout")
+    tracker.log_metrics({"reward/mean": 0.2}, step=1)
+    tracker.begin_stage("gspo", 3, "gspo")
+    tracker.log_metrics({"reward/mean": 0.4}, step=2)
+    tracker.log_metrics({"reward/mean": 0.5}, step=3)
+    tracker.end("KILLED")
+
+    client = MlflowClient(tracker.uri)
+    exp = client.get_experiment(tracker.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's runs/charts view
+    children = {r.data.tags["cascade_rl.stage"]: r for r in client.search_runs([tracker.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == run_id}
+    assert set(children) == {"rollout", "gspo"}
+    assert children["gspo"].info.run_name == "tiny/3-gspo" and children["gspo"].data.tags["cascade_rl.stage_kind"] == "gspo"
+    assert children["gspo"].data.tags["mlflow.source.git.commit"] == "abc123"
+    assert (children["rollout"].info.status, children["gspo"].info.status) == ("FINISHED", "KILLED")
+    assert read_metric_history(tracker.uri, children["rollout"].info.run_id, "reward/mean") == [(1, 0.2)]
+    assert read_metric_history(tracker.uri, children["gspo"].info.run_id, "reward/mean") == [(2, 0.4), (3, 0.5)]
+    assert read_metric_history(tracker.uri, run_id, "reward/mean") == [(1, 0.2), (2, 0.4), (3, 0.5)]
+    assert read_metric_history(tracker.uri, run_id, "stage/index") == [(1, 1.0), (2, 3.0), (3, 3.0)]
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    again = Tracker(None, "stages-exp", tmp_path)  # resume: the stage's child run is found again, not duplicated
+    again.start("tiny", run_id=run_id)
+    again.begin_stage("gspo", 3, "gspo")
+    again.log_metrics({"reward/mean": 0.6}, step=4)
+    again.end()
+    gspo = [r for r in client.search_runs([tracker.experiment_id]) if r.data.tags.get("cascade_rl.stage") == "gspo"]
+    assert len(gspo) == 1 and gspo[0].info.status == "FINISHED"
+    assert [s for s, _ in read_metric_history(tracker.uri, gspo[0].info.run_id, "reward/mean")] == [2, 3, 4]
+
+
+def test_run_tags_name_the_commit_and_the_recipe_hash(monkeypatch) -> None:
+    from cascade_rl.stages.driver import ordered_results, resume_command, run_tags
+
+    cfg = load_recipe(ROOT / "recipes" / "tiny_cascade.yaml", [])
+    tags = run_tags(cfg, "recipes/tiny_cascade.yaml")
+    other = run_tags(load_recipe(ROOT / "recipes" / "tiny_cascade.yaml", ["seed=7"]), None)
+    assert len(tags["cascade_rl.recipe_hash"]) == 16 and tags["cascade_rl.recipe_hash"] != other["cascade_rl.recipe_hash"]
+    monkeypatch.setenv("CASCADE_RL_GIT_COMMIT", "0123abcd" * 5)  # what submit.sh passes to a job
+    assert run_tags(cfg, None)["mlflow.source.git.commit"] == "0123abcd" * 5
+    # a resumed run's saved results come back sorted by name: the table keeps recipe order
+    saved = {"gspo": {}, "mpo": {}, "sft": {}, "start": {}}
+    assert list(ordered_results(cfg, saved)) == ["start", "sft", "mpo", "gspo"]
+    assert resume_command("recipes/x.yaml", ["seed=1", "resume=never", "a=b c"]) == \
+        "cascade-rl run recipes/x.yaml seed=1 'a=b c' resume=auto"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from cascade_rl.config import flatten, load_recipe, to_yaml
 from cascade_rl.tracking import Tracker, read_metric_history
@@ -271,3 +272,24 @@ def test_run_tags_name_the_commit_and_the_recipe_hash(monkeypatch) -> None:
     assert list(ordered_results(cfg, saved)) == ["start", "sft", "mpo", "gspo"]
     assert resume_command("recipes/x.yaml", ["seed=1", "resume=never", "a=b c"]) == \
         "cascade-rl run recipes/x.yaml seed=1 'a=b c' resume=auto"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_tiny_cascade_finishes_on_the_file_store(tmp_path: Path) -> None:
+    """``tracking.uri=file:…`` once died in mpo (``train/loss`` beside ``train/loss/bco_pair``)."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.e2e_cli import SMALL_HF, run_cli
+
+    store = (tmp_path / "mlruns").as_uri()
+    log = tmp_path / "run.log"
+    overrides = [*SMALL_HF, f"tracking.uri={store}", "stages.3.gspo.num_steps=2", "checkpoint.export_hf=false"]
+    assert run_cli(tmp_path / "run", overrides, log=log) == 0, log.read_text()[-4000:]
+    out = log.read_text()
+    assert "clashes with another name" not in out and "tracking: writing to MLflow" not in out
+    client = MlflowClient(store)
+    (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+              if "mlflow.parentRunId" not in r.data.tags]
+    assert run.info.status == "FINISHED"
+    assert {"train/loss", "train/loss_bco_pair", "train/loss_sigmoid", "eval/accuracy"} <= set(run.data.metrics)

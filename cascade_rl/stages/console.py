@@ -81,6 +81,8 @@ def setup_logging(run_dir: Path, verbose: bool) -> Path:
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(h)
     root.setLevel(logging.INFO)
+    if not verbose:  # MLflow gives its logger a console handler when imported unless told not to
+        os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     global _VERBOSE
     _VERBOSE = verbose
     quiet_libraries()

@@ -59,7 +59,8 @@ def init_ray(cfg: RecipeConfig, verbose: bool = False) -> str:
     with _free_agent_port():
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 2, 2),
                  object_store_memory=cfg.ray.object_store_mb * 1024 * 1024, include_dashboard=False,
-                 dashboard_host="127.0.0.1", log_to_driver=verbose, runtime_env={"env_vars": env_vars})
+                 dashboard_host="127.0.0.1", log_to_driver=verbose, configure_logging=verbose,
+                 runtime_env={"env_vars": env_vars})
     if not verbose:
         logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
         print(f"Ray: local instance; worker logs in {logs} (-v streams them here)", flush=True)

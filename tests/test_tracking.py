@@ -293,3 +293,20 @@ def test_tiny_cascade_finishes_on_the_file_store(tmp_path: Path) -> None:
               if "mlflow.parentRunId" not in r.data.tags]
     assert run.info.status == "FINISHED"
     assert {"train/loss", "train/loss_bco_pair", "train/loss_sigmoid", "eval/accuracy"} <= set(run.data.metrics)
+
+
+def test_system_metrics_go_through_the_queue(tmp_path: Path) -> None:
+    import time
+
+    tracker = Tracker(None, "system-exp", tmp_path)
+    run_id = tracker.start("tiny")
+    assert tracker.start_system_metrics(0.2)  # psutil is installed with MLflow here
+    tracker.log_metrics({"train/loss": 1.0}, step=3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not read_metric_history(tracker.uri, run_id,
+                                                                  "system/cpu_utilization_percentage"):
+        time.sleep(0.3)
+    tracker.end()
+    history = read_metric_history(tracker.uri, run_id, "system/cpu_utilization_percentage")
+    assert history and history[0][0] == 3  # logged at the current training step
+    assert not tracker.start_system_metrics(0)  # 0 = off

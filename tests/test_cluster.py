@@ -434,3 +434,34 @@ def test_local_run_beside_a_head_never_attaches_or_collides(ray_head: Head) -> N
     assert 52365 not in ports and ray_head.dashboard_port not in ports and 8265 not in ports
     where, gcs, cpus, _ = _probe(ray_head, f"ray.address={ray_head.gcs_address}")
     assert where == ray_head.gcs_address and cpus == 4  # chosen explicitly: the head
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not _driver_parts_landed(), reason="actors/group.py or rewards/ not landed yet")
+def test_ray_job_stop_checkpoints_and_prints_the_resume_command(ray_head: Head, tmp_path: Path) -> None:
+    """`ray job stop` = SIGTERM: the driver ends its step, checkpoints, marks the run KILLED, says how to resume,
+    and prints no stack dump."""
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", "rollout.backend=hf", "rollout.group_size=4", "stages.1.num_prompts=32",
+                 "stages.3.gspo.num_steps=50", "stages.3.gspo.prompts_per_step=8", "eval.num_prompts=16",
+                 "eval.every_steps=0", "checkpoint.every_steps=0", "checkpoint.export_hf=false"]
+    submission_id = f"crl-stop-{secrets.token_hex(4)}"
+    env = {**ray_head.env, "SUBMIT_ARGS": f"--no-wait --submission-id {submission_id}",
+           "PATH": f"{VENV_BIN}{os.pathsep}{ray_head.env['PATH']}"}
+    out = subprocess.run([str(SUBMIT), "recipes/tiny_cascade.yaml", *overrides], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    deadline = time.monotonic() + 1200
+    while not list((run_dir / "rollouts" / "gspo").glob("shard-*.parquet")):
+        assert time.monotonic() < deadline and _status(ray_head, submission_id) in ("PENDING", "RUNNING"), \
+            _job(ray_head, "logs", "--address", ray_head.address, submission_id).stdout[-4000:]
+        time.sleep(2)
+    stop = _job(ray_head, "stop", "--address", ray_head.address, submission_id, timeout_s=600)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    logs = _job(ray_head, "logs", "--address", ray_head.address, submission_id).stdout
+    assert _status(ray_head, submission_id) == "STOPPED"
+    assert "stopped (SIGTERM) after step" in logs and "resume=auto" in logs, logs[-4000:]
+    assert "Traceback" not in logs, logs[-4000:]
+    steps = [p for p in (run_dir / "checkpoints" / "s03-gspo").glob("step-*") if (p / "COMPLETE").exists()]
+    assert steps, "no complete gspo checkpoint after ray job stop"

@@ -276,10 +276,11 @@ def test_run_tags_name_the_commit_and_the_recipe_hash(monkeypatch) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_tiny_cascade_finishes_on_the_file_store(tmp_path: Path) -> None:
+def test_tiny_cascade_finishes_on_the_file_store(tmp_path: Path, monkeypatch) -> None:
     """``tracking.uri=file:…`` once died in mpo (``train/loss`` beside ``train/loss/bco_pair``)."""
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own reading client
     from tests.e2e_cli import SMALL_HF, run_cli
 
     store = (tmp_path / "mlruns").as_uri()

@@ -311,3 +311,41 @@ def test_system_metrics_go_through_the_queue(tmp_path: Path) -> None:
     history = read_metric_history(tracker.uri, run_id, "system/cpu_utilization_percentage")
     assert history and history[0][0] == 3  # logged at the current training step
     assert not tracker.start_system_metrics(0)  # 0 = off
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_tiny_cascade_survives_its_mlflow_server_dying_mid_gspo(tmp_path: Path) -> None:
+    """The run's HTTP MLflow server is SIGKILLed after the first gspo step and restarted: the run finishes, and
+    every step's metrics (before, during and after the outage) are in the store."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.e2e_cli import SMALL_HF, CliRun
+
+    port = _free_port()
+    server = _mlflow_server(tmp_path, port)
+    uri, run_dir, log = f"http://127.0.0.1:{port}", tmp_path / "run", tmp_path / "run.log"
+    try:
+        run = CliRun(run_dir, [*SMALL_HF, f"tracking.uri={uri}", "checkpoint.export_hf=false"], log=log)
+        shards = run_dir / "rollouts" / "gspo"
+        assert run.wait_for(lambda: len(list(shards.glob("shard-*.parquet"))) >= 1), log.read_text()[-3000:]
+        _stop(server)
+        server = _mlflow_server(tmp_path, port)  # back after its start-up time; the run went on meanwhile
+        assert run.wait() == 0, log.read_text()[-4000:]
+        out = log.read_text()
+        assert "tracking: writing to MLflow" in out and "reachable again" in out  # the outage was seen, once
+        client = MlflowClient(uri)
+        (rec,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                  if "mlflow.parentRunId" not in r.data.tags]
+        assert rec.info.status == "FINISHED"
+        final = sorted((run_dir / "checkpoints" / "s03-gspo").glob("step-*"))[-1]
+        total = json.loads((final / "driver.json").read_text())["global_step"]
+        history = {k: {m.step for m in client.get_metric_history(rec.info.run_id, k)}
+                   for k in ("train/loss", "reward/mean", "perf/step_s", "stage/index")}
+        assert len(history["perf/step_s"]) == 4  # every gspo step
+        assert history["stage/index"] == set(range(1, total + 1))  # every global step of every stage
+        assert history["train/loss"] | history["reward/mean"] >= set(range(1, total + 1))  # no step missing
+    finally:
+        _stop(server)

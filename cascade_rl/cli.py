@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,13 +17,17 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .stages.driver import run
+    from .stages.driver import RunStopped, run
 
     cfg = load_recipe(args.recipe, args.overrides)
     problems = check_resources(cfg, read_prompt_rows=False)  # the driver reads and checks every row itself
     if problems:
         raise ConfigError(f"{args.recipe}: " + "; ".join(problems))
-    run(cfg, recipe_path=args.recipe)
+    try:
+        run(cfg, recipe_path=args.recipe, overrides=args.overrides, verbose=args.verbose)
+    except RunStopped as stopped:  # Ctrl-C / SIGTERM: no traceback, just how to go on
+        print(str(stopped), file=sys.stderr, flush=True)
+        return stopped.exit_code
     return 0
 
 
@@ -65,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run a recipe's stages (sft, rollout, mpo, gspo) in order")
     _add_recipe_args(p)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show library logs and Ray workers' output (default: RUN_DIR/logs/driver.log only)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="resolve and check a recipe without training")
     _add_recipe_args(p)
@@ -86,12 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stdout.isatty():  # piped or a Ray job's log: one line per step instead of progress bars
+        os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it once, when first imported
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the run's own handlers are installed (start-up): nothing to save yet
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         cause = getattr(exc, "cause", None) or exc  # a worker's error arrives wrapped in Ray's RayTaskError
         if type(cause).__name__ not in USER_FACING_ERRORS:

@@ -188,6 +188,7 @@ class TrackingConfig:
     experiment: str = doc("cascade_rl", "MLflow experiment name")
     run_name: str | None = doc(None, "MLflow run name (default: recipe name)")
     tags: dict[str, str] = doc(text="MLflow tags", factory=dict)
+    system_metrics_s: float = doc(10.0, "seconds between system/* samples (CPU, memory, GPU with pynvml); 0 = off")
 
 
 @dataclass
@@ -199,7 +200,8 @@ class CheckpointConfig:
 
 @dataclass
 class RayConfig:
-    address: str | None = doc(None, "Ray address (default: the job's cluster, else a local instance)")
+    address: str | None = doc(None, "Ray to use: unset = the job's cluster under `ray job submit`, else a private "
+                              "local instance; local | auto (the head on this machine) | host:port | ray://…")
     num_cpus: int | None = doc(None, "CPUs for a local Ray instance")
     object_store_mb: int = doc(1024, "object store size of a local Ray instance (MiB)")
 

@@ -6,7 +6,7 @@ draws three panels against the global step:
     reward      reward/mean, reward/accuracy            (rollout and gspo stages: the sampled training groups)
     held-out    eval/accuracy (+ eval/sampled/accuracy)  (greedy, and avg@k over sampled answers; at the start,
                                                         every eval.every_steps, stage ends)
-    losses      train/loss, train/loss/*, train/*loss*  (sft LM loss, mpo DPO/BCO/LM terms, gspo policy loss)
+    losses      train/loss, train/loss_*, train/*loss*  (sft LM loss, mpo DPO/BCO/LM terms, gspo policy loss)
 
 Stage boundaries come from the driver's ``perf/stage_<name>_s`` metric, logged once at the global step where
 each stage ended; a stage still running (a later ``stages.N.name`` param without its metric) is labelled too.
@@ -100,8 +100,9 @@ def _default_store(run_dir: Path) -> str:
 
 def _newest_run(client, uri: str):
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=1) \
+    runs = client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=100) \
         if experiments else []
+    runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # a recipe run, not a stage's child run
     if not runs:
         raise ValueError(f"no MLflow runs in {uri}; has the run started? (cascade-rl run RECIPE)")
     return runs[0]

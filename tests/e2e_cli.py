@@ -204,7 +204,9 @@ def _client(run_dir: Path) -> Any:
 def _mlflow_runs(run_dir: Path) -> list[tuple[str, str]]:
     client = _client(run_dir)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    return [(r.info.run_id, r.info.status) for r in client.search_runs(experiments)]
+    # the recipe runs (each stage's child run, tagged mlflow.parentRunId, belongs to one of them)
+    return [(r.info.run_id, r.info.status) for r in client.search_runs(experiments)
+            if "mlflow.parentRunId" not in r.data.tags]
 
 
 def _last_per_step(run_dir: Path, run_id: str, key: str) -> dict[int, float]:

@@ -8,6 +8,7 @@ The head is started with `ray start --head --block` in its own session and stopp
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -173,7 +174,8 @@ def _strip_comments(text: str) -> str:
 def test_submit_script_builds_the_documented_command(tmp_path: Path) -> None:
     assert os.access(SUBMIT, os.X_OK)
     subprocess.run(["bash", "-n", str(SUBMIT)], check=True)
-    env = {**os.environ, "DRY_RUN": "1", "SUBMIT_ARGS": "--no-wait", "HOME": str(tmp_path)}
+    env = {**os.environ, "DRY_RUN": "1", "SUBMIT_ARGS": "--no-wait", "HOME": str(tmp_path),
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(key, None)
     args = [str(SUBMIT), str(ROOT / "recipes" / "tiny_cascade.yaml"), "seed=1",
@@ -185,9 +187,28 @@ def test_submit_script_builds_the_documented_command(tmp_path: Path) -> None:
     out = subprocess.run(args, env=env, cwd="/", capture_output=True, text=True, check=True).stdout
     words = shlex.split(out)
     assert words[0] == "RAY_AUTH_MODE=token"  # a token file exists: send it
-    assert words[2:] == ["job", "submit", "--address", "http://127.0.0.1:8265", "--runtime-env",
-                         "cluster/runtime_env.yaml", "--working-dir", ".", "--no-wait", "--", "cascade-rl", "run",
-                         "recipes/tiny_cascade.yaml", "seed=1", "data.train=synthetic:arithmetic?n=64&seed=0"]
+    assert words[2:5] == ["job", "submit", "--address"] and words[5] == "http://127.0.0.1:8265"
+    assert words[6] == "--runtime-env-json"
+    runtime_env = json.loads(words[7])
+    assert runtime_env["excludes"] == _load(RUNTIME_ENV)["excludes"]  # cluster/runtime_env.yaml, extended
+    assert runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "120"  # time for a graceful stop
+    assert re.fullmatch(r"[0-9a-f]{40}", runtime_env["env_vars"].get("CASCADE_RL_GIT_COMMIT", "0" * 40))
+    assert "py_modules" not in runtime_env
+    # a head on this machine: the job runs with the Python next to the `ray` used here, not the head's PATH
+    assert words[8:12] == ["--working-dir", ".", "--no-wait", "--"]
+    assert words[12] == str(VENV_BIN / "python") and words[13:] == [
+        "-m", "cascade_rl", "run", "recipes/tiny_cascade.yaml", "seed=1", "data.train=synthetic:arithmetic?n=64&seed=0"]
+    module = tmp_path / "my_rewards"
+    module.mkdir()
+    (module / "__init__.py").write_text("")
+    out = subprocess.run(args, env={**env, "PY_MODULES": str(module), "RAY_ADDRESS": "http://10.1.2.3:8265"},
+                         cwd="/", capture_output=True, text=True, check=True).stdout
+    words = shlex.split(out)
+    assert json.loads(words[7])["py_modules"] == [str(module)]
+    assert words[12] == "python"  # a remote head: its own `python` (JOB_PYTHON to choose)
+    missing = subprocess.run(args, env={**env, "PY_MODULES": str(tmp_path / "nope")}, cwd="/", capture_output=True,
+                             text=True)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
     usage = subprocess.run([str(SUBMIT)], capture_output=True, text=True)
     assert usage.returncode == 2 and "RECIPE" in usage.stderr
     with tempfile.NamedTemporaryFile(suffix=".yaml") as outside:
@@ -208,28 +229,32 @@ def _free_port() -> int:
 class Head:
     address: str  # the dashboard / job API
     dashboard_port: int
+    gcs_address: str  # what `ray.address` / ray.init joins
     env: dict[str, str]  # what a client needs: RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN
     log: Path
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A local Ray head with token auth, bound to 127.0.0.1, in a private temp dir."""
+    """A local Ray head with token auth, bound to 127.0.0.1, in a private temp dir, started as the README says:
+    the venv's ``ray`` by its path, the venv not activated (so a job's ``cascade-rl`` is not on its PATH)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="crl-ray-", dir="/tmp"))  # short: Ray's unix sockets live here
     dashboard_port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "PATH": path,
+           "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     log = temp_dir / "ray_start.log"
+    gcs_port = _free_port()
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=4", "--num-gpus=0",
-           f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+           f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
            f"--temp-dir={temp_dir}", f"--object-store-memory={512 * 1024 * 1024}", "--disable-usage-stats"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_dashboard(dashboard_port, proc, log)
-        yield Head(f"http://127.0.0.1:{dashboard_port}", dashboard_port,
+        yield Head(f"http://127.0.0.1:{dashboard_port}", dashboard_port, f"127.0.0.1:{gcs_port}",
                    {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}, log)
     finally:
         _stop_head(proc, temp_dir)
@@ -310,7 +335,7 @@ def test_runtime_env_in_local_job_submit(ray_head: Head) -> None:
              "print('CRL_LS', ','.join(sorted(os.listdir('.'))))")
     submission_id = f"crl-env-{secrets.token_hex(4)}"
     out = _job(ray_head, "submit", "--address", ray_head.address, "--submission-id", submission_id,
-               "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", ".", "--", "python", "-c", probe)
+               "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", ".", "--", sys.executable, "-c", probe)
     logs = out.stdout + out.stderr
     assert out.returncode == 0, logs
     assert _status(ray_head, submission_id) == "SUCCEEDED", logs
@@ -342,8 +367,14 @@ def test_submit_tiny_recipe_end_to_end(ray_head: Head, tmp_path: Path) -> None:
                  "rollout.group_size=4", "stages.0.sft.batch_size=32", "stages.1.num_prompts=32",
                  "stages.3.gspo.num_steps=2", "stages.3.gspo.prompts_per_step=8", "checkpoint.every_steps=0",
                  "checkpoint.export_hf=false"]
+    outside = tmp_path / "outside" / "my_rewards"  # a reward module outside the repository
+    outside.mkdir(parents=True)
+    (outside / "__init__.py").write_text(OUTSIDE_REWARD)
+    overrides.append("reward.terms.0.name=my_rewards:outside_math")
     submission_id = f"crl-tiny-{secrets.token_hex(4)}"
-    env = {**ray_head.env, "SUBMIT_ARGS": f"--submission-id {submission_id}"}
+    # as the README: `PATH=$PWD/.venv/bin:$PATH cluster/submit.sh …` against a head whose PATH lacks the venv
+    env = {**ray_head.env, "SUBMIT_ARGS": f"--submission-id {submission_id}", "PY_MODULES": str(outside),
+           "PATH": f"{VENV_BIN}{os.pathsep}{ray_head.env['PATH']}"}
     out = subprocess.run([str(SUBMIT), "recipes/tiny_cascade.yaml", *overrides], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=1700)
     logs = out.stdout[-6000:] + out.stderr[-6000:]
@@ -351,10 +382,86 @@ def test_submit_tiny_recipe_end_to_end(ray_head: Head, tmp_path: Path) -> None:
 
     uri = f"sqlite:///{run_dir / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the recipe run; stages are children
     assert run.info.status == "FINISHED"
     assert run.data.params["name"] == "tiny_cascade" and run.data.params["stages.3.gspo.num_steps"] == "2"
+    assert client.get_metric_history(run.info.run_id, "reward/outside_math")  # the outside module scored
     accuracy = client.get_metric_history(run.info.run_id, "eval/accuracy")
     assert len(accuracy) >= 4  # the start and the end of sft, mpo, gspo (a rollout stage leaves the policy as is)
     report = make_report(run_dir, tmp_path / "report.png")
     assert [name for _, name in report.boundaries] == ["sft", "rollout", "mpo", "gspo"]
+
+
+OUTSIDE_REWARD = """
+from cascade_rl.rewards.registry import get_reward, register_reward
+
+
+@register_reward("outside_math")
+def outside_math(sample, **kwargs):
+    return get_reward("math_verify")(sample, **kwargs)
+"""
+
+LOCAL_PROBE = """
+import sys, psutil, ray
+from cascade_rl.config import load_recipe
+from cascade_rl.stages.workers import init_ray
+cfg = load_recipe(sys.argv[1], ["ray.num_cpus=1", "ray.object_store_mb=100", *sys.argv[2:]])
+where = init_ray(cfg)
+me = psutil.Process()
+ours = {p.pid for p in me.children(recursive=True)} | {me.pid}
+ports = sorted({c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours})
+print("PROBE", where, ray.get_runtime_context().gcs_address, int(ray.cluster_resources()["CPU"]), ports)
+ray.shutdown()
+"""
+
+
+def _probe(head: Head, *overrides: str, **env: str) -> tuple[str, str, int, list[int]]:
+    env = {**{k: v for k, v in head.env.items() if k != "RAY_ADDRESS"}, **env}
+    out = subprocess.run([sys.executable, "-c", LOCAL_PROBE, str(ROOT / "recipes" / "tiny_cascade.yaml"),
+                          *overrides], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    line = re.search(r"^PROBE (\S+) (\S+) (\d+) \[(.*)\]$", out.stdout, re.M)
+    assert line, out.stdout[-3000:] + out.stderr[-3000:]
+    return line[1], line[2], int(line[3]), [int(p) for p in line[4].split(",") if p.strip()]
+
+
+@pytest.mark.slow
+def test_local_run_beside_a_head_never_attaches_or_collides(ray_head: Head) -> None:
+    """A `ray start` head is up and the shell exports RAY_ADDRESS: a local run still gets its own instance (its
+    ray.num_cpus, not the head's 4), with no dashboard and its agent off the job port 52365; ray.address joins."""
+    where, gcs, cpus, ports = _probe(ray_head, RAY_ADDRESS=ray_head.gcs_address)
+    assert where == "local" and gcs.rsplit(":", 1)[1] != ray_head.gcs_address.rsplit(":", 1)[1] and cpus == 1
+    assert 52365 not in ports and ray_head.dashboard_port not in ports and 8265 not in ports
+    where, gcs, cpus, _ = _probe(ray_head, f"ray.address={ray_head.gcs_address}")
+    assert where == ray_head.gcs_address and cpus == 4  # chosen explicitly: the head
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not _driver_parts_landed(), reason="actors/group.py or rewards/ not landed yet")
+def test_ray_job_stop_checkpoints_and_prints_the_resume_command(ray_head: Head, tmp_path: Path) -> None:
+    """`ray job stop` = SIGTERM: the driver ends its step, checkpoints, marks the run KILLED, says how to resume,
+    and prints no stack dump."""
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", "rollout.backend=hf", "rollout.group_size=4", "stages.1.num_prompts=32",
+                 "stages.3.gspo.num_steps=50", "stages.3.gspo.prompts_per_step=8", "eval.num_prompts=16",
+                 "eval.every_steps=0", "checkpoint.every_steps=0", "checkpoint.export_hf=false"]
+    submission_id = f"crl-stop-{secrets.token_hex(4)}"
+    env = {**ray_head.env, "SUBMIT_ARGS": f"--no-wait --submission-id {submission_id}",
+           "PATH": f"{VENV_BIN}{os.pathsep}{ray_head.env['PATH']}"}
+    out = subprocess.run([str(SUBMIT), "recipes/tiny_cascade.yaml", *overrides], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    deadline = time.monotonic() + 1200
+    while not list((run_dir / "rollouts" / "gspo").glob("shard-*.parquet")):
+        assert time.monotonic() < deadline and _status(ray_head, submission_id) in ("PENDING", "RUNNING"), \
+            _job(ray_head, "logs", "--address", ray_head.address, submission_id).stdout[-4000:]
+        time.sleep(2)
+    stop = _job(ray_head, "stop", "--address", ray_head.address, submission_id, timeout_s=600)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    logs = _job(ray_head, "logs", "--address", ray_head.address, submission_id).stdout
+    assert _status(ray_head, submission_id) == "STOPPED"
+    assert "stopped (SIGTERM) after step" in logs and "resume=auto" in logs, logs[-4000:]
+    assert "Traceback" not in logs, logs[-4000:]
+    steps = [p for p in (run_dir / "checkpoints" / "s03-gspo").glob("step-*") if (p / "COMPLETE").exists()]
+    assert steps, "no complete gspo checkpoint after ray job stop"

@@ -29,8 +29,8 @@ def _log_cascade(tracker: Tracker, stages=STAGES, finished: bool = True) -> None
             if name in ("sft", "mpo", "gspo"):
                 m["train/loss"] = 2.0 * math.exp(-step / 15)
             if name == "mpo":
-                m |= {"train/loss/sigmoid": 0.69 - 0.01 * (step - first), "train/loss/bco_pair": 0.7,
-                      "train/loss/sft": 1.1, "train/rewards/margin": 0.1}  # the learner's MPO names
+                m |= {"train/loss_sigmoid": 0.69 - 0.01 * (step - first), "train/loss_bco_pair": 0.7,
+                      "train/loss_sft": 1.1, "train/rewards/margin": 0.1}  # the learner's MPO names
             if name in ("rollout", "gspo"):
                 m |= {"reward/mean": 0.2 + 0.01 * step, "reward/accuracy": 0.15 + 0.01 * step}
             if name == "gspo":
@@ -70,7 +70,7 @@ def test_report_draws_reward_eval_losses_and_stage_boundaries(store: tuple[Path,
     assert report.panels == {
         "Training reward (sampled groups)": ["reward/mean", "reward/accuracy"],
         "Held-out accuracy (greedy; sampled = avg@k)": ["eval/accuracy"],
-        "Losses": ["train/loss", "train/loss/bco_pair", "train/loss/sft", "train/loss/sigmoid"],  # total first
+        "Losses": ["train/loss", "train/loss_bco_pair", "train/loss_sft", "train/loss_sigmoid"],  # total first
     }
     assert report.boundaries == [(10, "sft"), (13, "rollout"), (20, "mpo"), (30, "gspo")]
     assert report.running_stage is None

@@ -24,7 +24,7 @@ length-normalised per chosen response and then averaged over pairs (the same kin
 and invariant to sharding).
 
 Metrics (detached 0-d tensors, local mean over this call's pairs): ``rewards/chosen``, ``rewards/rejected``,
-``rewards/margin``, ``rewards/accuracy`` (share with r_c > r_r), ``delta`` and ``loss/<term>``.
+``rewards/margin``, ``rewards/accuracy`` (share with r_c > r_r), ``delta`` and ``loss_<term>``.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def compute_mpo_loss(
     for name, weight in parsed:
         per_pair = MPO_LOSSES[name](batch)  # (B,)
         loss = loss + weight * per_pair.sum() / denom
-        metrics[f"loss/{name}"] = per_pair.detach().sum() / max(num_pairs, 1)
+        metrics[f"loss_{name}"] = per_pair.detach().sum() / max(num_pairs, 1)
     metrics.update(_reward_metrics(chosen_rewards, rejected_rewards))
     delta = reward_shift.mean if reward_shift is not None else 0.0
     metrics["delta"] = chosen_rewards.new_tensor(delta)

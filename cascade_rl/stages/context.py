@@ -48,6 +48,7 @@ class RunContext:
     run_state: RunState = field(default_factory=RunState)
     is_vlm: bool = False
     reward_restarts_logged: int = field(default=0, init=False, repr=False)
+    stop: Any = field(default=None, repr=False)  # console.GracefulStop, set by the driver
 
     def require_encoder(self) -> EncoderProtocol:
         if self.encoder is None:
@@ -67,12 +68,14 @@ class RunContext:
 
     def finish_step(self, metrics: dict[str, float] | None = None) -> None:
         """The one place a stage's step counts: stage and global step advance, the step's metrics are logged (at
-        the new global step), then the ``after-step-<N>`` fault point."""
+        the new global step), then the ``after-step-<N>`` fault point, then the step boundary (a Ctrl-C/SIGTERM
+        asked during the step stops the run here)."""
         self.state.stage_step += 1
         self.state.global_step += 1
         if metrics is not None:
             self.log(metrics)
         self.fault_point(f"after-step-{self.state.stage_step}")
+        self.step_boundary()
 
     def fault_point(self, point: str) -> None:
         """Testing hook: SIGKILL the driver when ``CASCADE_RL_FAULT_AT`` is ``<current stage name>:<point>``.
@@ -147,7 +150,14 @@ class RunContext:
         self.log({"perf/checkpoint_s": time.perf_counter() - t0})
         return ckpt
 
+    def step_boundary(self) -> None:
+        """Between two steps: a stop asked by Ctrl-C/SIGTERM is raised here (``console.StopRun``), where the state
+        is consistent, and the driver checkpoints this boundary."""
+        if self.stop is not None:
+            self.stop.check()
+
     def should_checkpoint(self) -> bool:
+        """Whether the step just finished (``finish_step``) is due a checkpoint (``checkpoint.every_steps``)."""
         every = self.cfg.checkpoint.every_steps
         return every > 0 and self.state.stage_step % every == 0
 
@@ -171,17 +181,32 @@ class RunContext:
         out = self.rollout.generate(prompts, 1, greedy=True)
         results = self.score(prompts, out.generations)
         metrics = _eval_metrics("eval", out.generations, results)
+        rows = sample_rows(tag, self.state.global_step, "greedy", prompts, out.generations, results)
         if ev.sampled_n > 0:
             # one fixed key: every evaluation draws with the same random numbers, so stages compare fairly
             sampled = self.rollout.generate(prompts, ev.sampled_n, key=EVAL_KEY)
-            metrics.update(_eval_metrics("eval/sampled", sampled.generations, self.score(prompts, sampled.generations)))
+            sampled_results = self.score(prompts, sampled.generations)
+            metrics.update(_eval_metrics("eval/sampled", sampled.generations, sampled_results))
+            half = ev.num_table_rows // 2  # sampled responses (what the RL stages optimise) first, then greedy
+            rows = sample_rows(tag, self.state.global_step, "sampled", prompts, sampled.generations,
+                               sampled_results)[: ev.num_table_rows - half] + rows[:half]
         metrics["perf/eval_s"] = time.perf_counter() - t0
         self.log(metrics)
-        rows = [{"stage": tag, "step": self.state.global_step, "prompt": prompts[g.prompt_index].messages[-1]["content"],
-                 "answer": prompts[g.prompt_index].answer, "response": g.text, "reward": r.total,
-                 "correct": r.correct} for g, r in list(zip(out.generations, results, strict=True))[: ev.num_table_rows]]
-        self.tracker.log_table(rows, f"samples/{tag}_step{self.state.global_step:06d}.json")
+        self.tracker.log_table(rows[: ev.num_table_rows], f"samples/{tag}_step{self.state.global_step:06d}.json")
         return metrics
+
+
+def sample_rows(tag: str, step: int, mode: str, prompts: list[PromptItem], generations: list[Any],
+                results: list[RewardResult]) -> list[dict[str, Any]]:
+    """Rows of the MLflow samples table: what decides a reward first (total, correct, each term), then the
+    response, then the long columns (answer, prompt), so nothing that matters is off-screen."""
+    terms = sorted({k for r in results for k in r.components})
+    return [{"stage": tag, "step": step, "mode": mode, "reward": r.total, "correct": r.correct,
+             **{f"reward/{k}": r.components.get(k) for k in terms},
+             "error": "; ".join(f"{k}: {v}" for k, v in r.errors.items()) if r.errors else "",
+             "response": g.text, "answer": prompts[g.prompt_index].answer,
+             "prompt": prompts[g.prompt_index].messages[-1]["content"], "sample": g.sample_index}
+            for g, r in zip(generations, results, strict=True)]
 
 
 def _eval_metrics(prefix: str, generations: list[Any], results: list[RewardResult]) -> dict[str, float]:

@@ -76,9 +76,9 @@ def test_weighted_total_is_weighted_sum_of_terms():
     )
     assert loss.item() == pytest.approx(0.8 * DPO + 0.2 * BCO + 1.0 * SFT)
     assert loss.item() == pytest.approx(3.1918670146906347)
-    assert metrics["loss/sigmoid"].item() == pytest.approx(DPO)
-    assert metrics["loss/bco_pair"].item() == pytest.approx(BCO)
-    assert metrics["loss/sft"].item() == pytest.approx(SFT)
+    assert metrics["loss_sigmoid"].item() == pytest.approx(DPO)
+    assert metrics["loss_bco_pair"].item() == pytest.approx(BCO)
+    assert metrics["loss_sft"].item() == pytest.approx(SFT)
 
 
 def test_delta_is_running_mean_and_survives_save_restore():

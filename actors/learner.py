@@ -77,6 +77,7 @@ from .learner_batches import (
     checkpoint_name_map,
     copy_tokenizer_files,
     dummy_micro_batch,
+    freeze_parameters,
     pad_rows,
     pad_token_id,
     pair_units,
@@ -110,6 +111,9 @@ class LearnerSpec:
     offload_optimizer: bool = False
     seed: int = 0
     is_vlm: bool = False
+    max_tiles: int = 0  # InternVL dynamic tiling cap per image (model.max_tiles); 0: the model folder's setting
+    freeze_vision: bool = False  # VLM vision tower: no gradients, no optimizer state, not re-sent in weight sync
+    freeze_projector: bool = False  # VLM vision-to-language projector, likewise
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
     packing: str = "auto"  # auto: packed rows with varlen attention (flash / flex), else padded | packed | padded
 
@@ -131,7 +135,7 @@ class LearnerWorker:
         # δ is a mean over all ranks' rewards: RewardShift.update all-reduces its (sum, count) through this
         self.reward_shift = RewardShift(all_reduce_fn=self._all_reduce_sum if world_size > 1 else None)
         self._pad_id = pad_token_id(self.model.config)
-        self._images = ImageInputs(spec.model_path, self.model.config) if spec.is_vlm else None
+        self._images = ImageInputs(spec.model_path, self.model.config, spec.max_tiles) if spec.is_vlm else None
         self._sync_names: dict[str, str] | None = None
         self.packing_check_diff: float | None = None  # log-prob change from a packed neighbour (self-check)
         self._packed = self._choose_packing()
@@ -185,6 +189,7 @@ class LearnerWorker:
         model = cls.from_pretrained(spec.model_path, dtype=dtype, attn_implementation=self._attn_implementation())
         del hf_ds_config
         model.config.use_cache = False
+        self.frozen = freeze_parameters(model, vision=spec.freeze_vision, projector=spec.freeze_projector)
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         text_config = model.config.get_text_config()
@@ -443,21 +448,24 @@ class LearnerWorker:
         dist.barrier()
 
     def named_weights_for_sync(self, bucket_bytes: int = DEFAULT_SYNC_BUCKET_BYTES, *,
-                               device: str | torch.device = "cpu",
-                               all_ranks: bool = False) -> Iterator[list[tuple[str, Tensor]]]:
+                               device: str | torch.device = "cpu", all_ranks: bool = False,
+                               include_frozen: bool = False) -> Iterator[list[tuple[str, Tensor]]]:
         """Buckets of (checkpoint name, weight) of about ``bucket_bytes`` each, for the rollout engine.
 
         Names are those of the Hugging Face checkpoint (what ``export_hf`` writes and vLLM's ``load_weights``
         maps). Collective under ZeRO-3 (each bucket is gathered on all ranks); only rank 0 yields tensors,
         other ranks yield empty lists, unless ``all_ranks`` (each rank feeds its own colocated engine). Under
         ZeRO 0-2, tensors already on ``device`` alias the live weights: use them before the next ``train_*`` call.
+        Frozen parameters (``learner.freeze_vision`` / ``freeze_projector``) never change, so the engine keeps
+        the copy it loaded and they are left out unless ``include_frozen`` (checkpoint export).
         """
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
         names = self._checkpoint_names()
         target = torch.device(device)
         zero3 = self.spec.zero_stage == 3
-        for bucket in bucket_parameters(list(self.model.named_parameters()), bucket_bytes):
+        params = [(n, p) for n, p in self.model.named_parameters() if include_frozen or n not in self.frozen]
+        for bucket in bucket_parameters(params, bucket_bytes):
             ctx = GatheredParameters([p for _, p in bucket], modifier_rank=None) if zero3 else contextlib.nullcontext()
             with ctx:
                 if self.rank != 0 and not all_ranks:
@@ -483,7 +491,9 @@ class LearnerWorker:
             plan = plan_units(lengths, budget, packed=True, min_num_micro_batches=count)
         out = [build_micro_batch([seq for u in group for seq in units[u]], packed=self._packed,
                                  pad_token_id=self._pad_id, units=group,
-                                 images=[path for u in group for path in (images[u] if images else [])])
+                                 # every sequence of a unit (a pair's chosen and rejected) holds the prompt's images
+                                 images=[path for u in group for _ in units[u] for path in (images[u] if images
+                                                                                           else [])])
                for group in plan]
         return out + [dummy_micro_batch(self._pad_id, packed=self._packed) for _ in range(count - len(out))]
 
@@ -577,7 +587,7 @@ class LearnerWorker:
         """Full weights on the CPU of rank 0 (empty elsewhere); ZeRO-3 gathers bucket by bucket."""
         state: dict[str, Tensor] = {}
         names = {v: k for k, v in self._checkpoint_names().items()}  # checkpoint name -> module name
-        for bucket in self.named_weights_for_sync(device="cpu"):
+        for bucket in self.named_weights_for_sync(device="cpu", include_frozen=True):
             for ckpt_name, t in bucket:
                 state[names[ckpt_name]] = t
         if self.rank == 0:  # persistent buffers (ZeRO never partitions buffers)

@@ -36,6 +36,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = doc("float32", "parameter dtype of learner and rollout engine")
     max_prompt_tokens: int = doc(256, "prompts longer than this (tokens) are rejected with an error")
     max_response_tokens: int = doc(32, "generation length limit (tokens); longer responses are truncated")
+    max_tiles: int = doc(12, "VLMs: most InternVL dynamic tiles per image (vision-input-size tiles, plus a "
+                             "thumbnail when > 1); 0 keeps the model folder's image-processor setting")
 
 
 @dataclass
@@ -97,6 +99,9 @@ class LearnerConfig:
     micro_batch_tokens: int = doc(4096, "token budget of one packed micro-batch")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
     offload_optimizer: bool = doc(False, "ZeRO optimizer state offload to CPU")
+    freeze_vision: bool = doc(False, "VLMs: keep the vision tower fixed (no gradients, no optimizer state, not "
+                                     "re-sent in weight sync), as InternVL's RL does")
+    freeze_projector: bool = doc(False, "VLMs: keep the vision-to-language projector fixed (as freeze_vision)")
 
 
 @dataclass
@@ -394,6 +399,7 @@ def _range_checks(cfg: RecipeConfig) -> list[str]:
     m, r, w, lr, ev, ck = cfg.model, cfg.rollout, cfg.reward, cfg.learner, cfg.eval, cfg.checkpoint
     table: list[tuple[str, Any, tuple[Any, str]]] = [
         ("model.max_prompt_tokens", m.max_prompt_tokens, at_least(1)),
+        ("model.max_tiles", m.max_tiles, at_least(0)),
         ("rollout.num_gpus_per_worker", r.num_gpus_per_worker, at_least(0)),
         ("rollout.gpu_memory_utilization", r.gpu_memory_utilization, (lambda v: 0 < v <= 1, "in (0, 1]")),
         ("rollout.kv_cache_gib", r.kv_cache_gib, at_least(1)),

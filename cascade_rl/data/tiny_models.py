@@ -3,9 +3,9 @@
 - ``build_tiny_lm``: a Qwen3 causal LM (``Qwen3ForCausalLM``), loadable by transformers and ``vllm.LLM``.
 - ``build_tiny_vlm``: an InternVL-architecture VLM (transformers' ``InternVLForConditionalGeneration``: an
   InternViT-style vision tower, pixel-shuffle + MLP projector, a Qwen3 text model), as in InternVL3.5.
-  Its processor is built by ``load_vlm_processor``: InternVL's ``AutoProcessor`` also wants a video processor,
-  which needs torchvision (not installed on CPU machines), so the image processor (the PIL
-  ``GotOcr2ImageProcessorPil``) and the tokenizer are loaded separately and joined in ``InternVLProcessor``.
+  Its processor comes from ``cascade_rl.hf.load_processor``: InternVL's ``AutoProcessor`` also wants a video
+  processor, which needs torchvision (not installed on CPU machines), so there the image processor (the PIL
+  ``GotOcr2ImageProcessorPil``) and the tokenizer are joined in an image-only ``InternVLProcessor``.
 
 A build lands in ``$CASCADE_RL_CACHE/models/<kind>-<hash>`` (default cache ``~/.cache/cascade_rl``), the hash
 covering the build arguments and ``BUILDER_VERSION``; it is written to a temp folder and renamed, so concurrent
@@ -174,30 +174,16 @@ def build_tiny_vlm(out_dir: str | Path | None = None, *, hidden_size: int = 128,
 
 
 def load_vlm_processor(path: str | Path) -> Any:
-    """An ``InternVLProcessor`` (tokenizer + PIL image processor, no video processor) for a VLM folder.
+    """The VLM folder's processor, torchvision-free where needed (``cascade_rl.hf.load_processor``).
 
     Usage: ``text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`` (each
     ``{"type": "image"}`` part renders as one ``<IMG_CONTEXT>``), then
-    ``proc(text=[text], images=[pil_image], return_tensors="pt")`` gives ``input_ids``, ``attention_mask`` and
-    ``pixel_values`` (one (3, H, W) tile per image) for ``model(**inputs)`` / ``model.generate(**inputs)``.
+    ``proc(text=[text], images=[pil_image], return_tensors="pt")``; to get the exact ids every part of the
+    system uses, render with ``cascade_rl.hf.PromptRenderer`` instead.
     """
-    from transformers import AutoConfig, AutoTokenizer, InternVLProcessor
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from cascade_rl.hf import load_processor
 
-    class ImageOnlyInternVLProcessor(InternVLProcessor):
-        """InternVL's processor without a video processor: its class check would import torchvision."""
-
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    return ImageOnlyInternVLProcessor(
-        image_processor=GotOcr2ImageProcessorPil.from_pretrained(path), tokenizer=tok, video_processor=None,
-        image_seq_length=config.image_seq_length, chat_template=tok.chat_template)
+    return load_processor(str(path))
 
 
 TINY_BUILDERS: dict[str, Callable[..., Path]] = {"lm": build_tiny_lm, "vlm": build_tiny_vlm}

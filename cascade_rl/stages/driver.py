@@ -41,7 +41,7 @@ def run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None = None) -> dict
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = _start(cfg, run_dir)
-    enc = Encoder(ctx.model_path)
+    enc = Encoder(ctx.model_path, max_tiles=cfg.model.max_tiles)
     status = "FAILED"
     try:
         if "start" not in ctx.run_state.stage_results:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..config import StageConfig
 from ..data.pairs import build_pairs, fill_token_ids, read_pairs, write_pairs
 from ..data.rollout_log import read_rollout_log
+from ..hf import check_image_hashes
 from .batching import Encoder, num_batches, pair_batch, take_batches
 from .context import RunContext
 from .rollout import log_dir
@@ -29,6 +30,16 @@ def _source_logs(ctx: RunContext, stage: StageConfig, index: int) -> Path:
     return log_dir(ctx, previous[-1].name)
 
 
+def check_logged_images(records: list) -> None:
+    """Each logged image must still hold the content it was sampled with (hash in the log)."""
+    seen: set[tuple[str, ...]] = set()
+    for r in records:
+        key = tuple(r.images or ())
+        if key and key not in seen:
+            seen.add(key)
+            check_image_hashes(list(key), list(r.image_sha256 or []), f"rollout record {r.record_id}")
+
+
 def prepare_pairs(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder) -> list:
     path = ctx.run_dir / "pairs" / f"{stage.name}.parquet"
     if path.exists():
@@ -40,7 +51,11 @@ def prepare_pairs(ctx: RunContext, stage: StageConfig, index: int, enc: Encoder)
             f"stage `{stage.name}`: no preference pairs could be built from {len(records)} logged responses "
             f"({json.dumps(stats.as_dict())}). Pairs need prompts with both right and wrong responses: raise "
             f"rollout.group_size or rollout.temperature, or train the start policy longer (sft stage).")
-    fill_token_ids(pairs, encode_prompt=enc.prompt, encode_response=enc.response)  # imported logs lack ids
+    check_logged_images(records)
+    for p in pairs:  # imported logs lack ids; a VLM prompt is rendered with its images
+        if not p.prompt_token_ids:
+            p.prompt_token_ids = enc.prompt(json.loads(p.prompt), p.images)
+    fill_token_ids(pairs, encode_prompt=enc.prompt, encode_response=enc.response)
     t0 = time.perf_counter()
     for i in range(0, len(pairs), REF_BATCH):  # reference log-probs with the frozen start policy
         part = pairs[i : i + REF_BATCH]

@@ -56,12 +56,13 @@ def build_groups(cfg: RecipeConfig, model_path: str):
         max_prompt_tokens=m.max_prompt_tokens, temperature=r.temperature, top_p=r.top_p, seed=cfg.seed,
         gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
         enforce_eager=r.enforce_eager, is_vlm=vlm, enable_sleep=r.sleep_when_idle,
-        behaviour_logprobs=r.behaviour_logprobs)
+        behaviour_logprobs=r.behaviour_logprobs, max_tiles=m.max_tiles)
     learner_spec = LearnerSpec(
         model_path=model_path, dtype=m.dtype, zero_stage=lr.zero_stage, lr=lr.lr, weight_decay=lr.weight_decay,
         warmup_steps=lr.warmup_steps, lr_schedule=lr.lr_schedule, total_steps=1, grad_clip=lr.grad_clip,
         micro_batch_tokens=lr.micro_batch_tokens, gradient_checkpointing=lr.gradient_checkpointing,
-        offload_optimizer=lr.offload_optimizer, seed=cfg.seed, is_vlm=vlm)
+        offload_optimizer=lr.offload_optimizer, seed=cfg.seed, is_vlm=vlm, max_tiles=m.max_tiles,
+        freeze_vision=lr.freeze_vision, freeze_projector=lr.freeze_projector)
     placement = make_placement(r.placement, num_learner_ranks=lr.num_ranks, num_gpus_per_rank=lr.num_gpus_per_rank,
                                num_rollout_workers=r.num_workers, num_gpus_per_worker=r.num_gpus_per_worker)
     learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank, placement=placement.learner)

@@ -158,3 +158,33 @@ def test_a_changed_image_file_is_a_named_error(items: list[PromptItem], rollout:
     records[0].images = [str(changed)]
     with pytest.raises(PromptMismatchError, match=r"rollout record .*red\.png.*changed after sampling"):
         check_logged_images(records)
+
+
+def test_frozen_vision_and_projector_get_no_optimizer_state_and_no_sync(tiny_vlm: Path,
+                                                                       items: list[PromptItem]) -> None:
+    spec = LearnerSpec(model_path=str(tiny_vlm), is_vlm=True, max_tiles=MAX_TILES, zero_stage=0,
+                       micro_batch_tokens=512, lr=1e-2, freeze_vision=True, freeze_projector=True)
+    w = LearnerWorker(spec, 0, 1, "127.0.0.1", free_port())
+    frozen = w.frozen
+    assert all("vision_tower" in n or "multi_modal_projector" in n for n in frozen)
+    assert any("vision_tower" in n for n in frozen) and any("multi_modal_projector" in n for n in frozen)
+    before = {n: p.detach().clone() for n, p in w.model.named_parameters()}
+    sft = sft_batch(items, Encoder(str(tiny_vlm), max_tiles=MAX_TILES))
+    w.train_sft(sft, num_global_tokens=sum(map(len, sft.response_token_ids)))
+    moved = {n for n, p in w.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and not moved & frozen  # the language model trained, the vision side did not
+    optimizer = w.engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)
+    with_state = {id(p) for p in inner.state}
+    assert with_state and not with_state & {id(p) for n, p in w.model.named_parameters() if n in frozen}
+    synced = {n for bucket in w.named_weights_for_sync() for n, _ in bucket}
+    every = {n for bucket in w.named_weights_for_sync(include_frozen=True) for n, _ in bucket}
+    names = w._checkpoint_names()
+    assert synced == every - {names[n] for n in frozen} and len(every) == len(before)
+    from transformers import AutoModelForCausalLM
+
+    from cascade_rl.actors.learner_batches import freeze_parameters
+    from cascade_rl.data.tiny_models import build_tiny_lm
+
+    with pytest.raises(ValueError, match="learner.freeze_vision=true, but Qwen3ForCausalLM has no vision"):
+        freeze_parameters(AutoModelForCausalLM.from_pretrained(build_tiny_lm()), vision=True, projector=False)

@@ -31,8 +31,8 @@ def test_vllm_vlm_behaviour_logprobs_equal_the_learners(tiny_vlm: Path, make_rol
     if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
         pytest.skip("needs a CUDA GPU and vLLM")
     import ray
-
     from cascade_rl.actors.group import LearnerGroup, RolloutGroup, make_placement
+
     from cascade_rl.hf import PromptRenderer
     from cascade_rl.types import SequenceBatch
 

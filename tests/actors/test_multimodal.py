@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image
-
 from cascade_rl.actors.learner import LearnerSpec, LearnerWorker
 from cascade_rl.actors.rollout import RolloutWorker
+from PIL import Image
+
 from cascade_rl.data.pairs import build_pairs, fill_token_ids
 from cascade_rl.data.prompts import PromptItem
 from cascade_rl.data.rollout_log import RolloutLogWriter, read_rollout_log
@@ -94,7 +94,11 @@ def test_vllm_expands_the_engine_ids_into_the_rendered_ids(tiny_vlm: Path, items
     """vLLM's own placeholder replacement (InternVL: each <IMG_CONTEXT> -> <img> + context x tiles + </img>),
     applied to the ids the worker passes it, gives the renderer's expanded ids; expanded ids would be expanded
     again."""
-    from vllm.multimodal.processing.processor import PromptReplacement, PromptUpdateDetails, apply_token_matches
+    from vllm.multimodal.processing.processor import (
+        PromptReplacement,
+        PromptUpdateDetails,
+        apply_token_matches,
+    )
 
     renderer = PromptRenderer(str(tiny_vlm), max_tiles=MAX_TILES)
     tok, ctx, seq = renderer.tokenizer, renderer.image_token_id, renderer.image_seq_length
@@ -181,9 +185,9 @@ def test_frozen_vision_and_projector_get_no_optimizer_state_and_no_sync(tiny_vlm
     every = {n for bucket in w.named_weights_for_sync(include_frozen=True) for n, _ in bucket}
     names = w._checkpoint_names()
     assert synced == every - {names[n] for n in frozen} and len(every) == len(before)
+    from cascade_rl.actors.learner_batches import freeze_parameters
     from transformers import AutoModelForCausalLM
 
-    from cascade_rl.actors.learner_batches import freeze_parameters
     from cascade_rl.data.tiny_models import build_tiny_lm
 
     with pytest.raises(ValueError, match="learner.freeze_vision=true, but Qwen3ForCausalLM has no vision"):

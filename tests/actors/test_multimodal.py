@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from cascade_rl.actors.learner import LearnerSpec, LearnerWorker
+from cascade_rl.actors.learner_batches import sequence_units
 from cascade_rl.actors.rollout import RolloutWorker
 from PIL import Image
 
@@ -129,9 +130,17 @@ def test_sft_pairs_and_gspo_train_on_the_rollout_tokens(tiny_vlm: Path, items: l
     gspo = SequenceBatch(prompt_token_ids=[g.prompt_token_ids for g in gens],
                          response_token_ids=[g.token_ids for g in gens],
                          images=[items[g.prompt_index].images for g in gens])
-    learner_lps = learner.compute_logprobs(gspo)  # text-only and image prompts in one packed/padded micro-batch
+    mbs = learner._micro_batches(sequence_units(gspo), images=gspo.images)
+    assert len(mbs) == 1 and mbs[0].images == [p for g in gens for p in items[g.prompt_index].images]  # mixed
+    learner_lps = learner.compute_logprobs(gspo)  # text-only, 1-image and 2-image prompts in one micro-batch
     gaps = [abs(a - b) for g, lp in zip(gens, learner_lps, strict=True) for a, b in zip(g.logprobs, lp, strict=True)]
     assert max(gaps) < 1e-4  # before any update: the learner's pixels and tokens are the engine's
+    learner._packed = True  # the same six sequences packed into one row: same log-probs
+    try:
+        packed = learner.compute_logprobs(gspo)
+    finally:
+        learner._packed = False
+    assert max(abs(a - b) for u, v in zip(packed, learner_lps, strict=True) for a, b in zip(u, v, strict=True)) < 1e-5
 
     ctx = SimpleNamespace(run_state=SimpleNamespace(mlflow_run_id="run"))                               # pairs
     results = [RewardResult(total=float(g.sample_index == 0), correct=g.sample_index == 0) for g in gens]

@@ -156,6 +156,10 @@ class EvalConfig:
     num_prompts: int = doc(128, "held-out prompts scored per evaluation")
     sampled_n: int = doc(0, "also score N sampled responses per prompt (0 = greedy only)")
     num_table_rows: int = doc(16, "sample rollouts logged as an MLflow table per evaluation")
+    best_of_n: int = doc(0, "also sample N responses per prompt and score the one reward.terms component "
+                            "eval.best_of_n_by ranks highest (Best-of-N, InternVL3.5's parallel thinking); 0 = off")
+    best_of_n_by: str = doc("prm", "reward term label (a reward.terms entry, weight 0 allowed) that picks the "
+                                   "Best-of-N response")
 
 
 @dataclass

@@ -41,7 +41,8 @@ def check_resources(cfg: RecipeConfig, *, read_prompt_rows: bool = True) -> list
             path = resolve_data_path(spec, Path(cfg.run_dir) / "data", check_only=True)
             if read_prompt_rows and not spec.startswith("synthetic:"):  # a user's file: every row, now
                 load_prompts(path, id_key=d.id_key, prompt_key=d.prompt_key, answer_key=d.answer_key,
-                             image_key=d.image_key, system_prompt=d.system_prompt)
+                             image_key=d.image_key, system_prompt=d.system_prompt,
+                             skip_bad_rows=d.skip_bad_rows)
         except (FileNotFoundError, ValueError) as exc:  # PromptDataError is a ValueError
             problems.append(f"data.{key}: {exc}")
     for i, term in enumerate(cfg.reward.terms):

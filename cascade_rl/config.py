@@ -49,6 +49,8 @@ class DataConfig:
     answer_key: str = doc("answer", "column holding the ground-truth answer")
     image_key: str = doc("images", "column holding image file paths (VLM prompts)")
     system_prompt: str | None = doc(None, "system message prepended to every prompt")
+    skip_bad_rows: bool = doc(False, "leave out (and count in a warning) prompt rows with a missing or unreadable "
+                                     "image or a placeholder/image count mismatch, instead of stopping")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from .images import image_cell_paths, resolve_placeholders
 from .tasks import TASKS, TASKS_VERSION, write_task
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -84,12 +85,8 @@ def _convert_answer(value: Any) -> str | None:
 
 
 def _image_paths(value: Any, base: Path) -> tuple[list[str], list[str]]:
-    """(absolute paths, the ones that are missing) for a cell holding None, one path or a list of paths."""
-    if value is None:
-        return [], []
-    raw = [value] if isinstance(value, str) else list(value)
-    paths = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in raw]
-    return paths, [p for p in paths if not Path(p).is_file()]
+    """(absolute paths, the ones that are missing) for an image cell (``images.image_cell_paths``)."""
+    return image_cell_paths(value, base)
 
 
 def _unreadable_image(path: str) -> str | None:
@@ -166,7 +163,10 @@ def _row_item(row: dict[str, Any], keys: dict[str, str], base: Path, system_prom
     except TypeError as exc:
         raise ValueError(f"answer in column `{answer_key}` (data.answer_key) is {exc}, not a string or number: "
                          f"{row[answer_key]!r}") from None
-    images, missing = _image_paths(row.get(image_key), base)
+    try:
+        images, missing = _image_paths(row.get(image_key), base)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (column `{image_key}`, data.image_key)") from None
     if missing:
         raise ValueError(f"image file(s) not found: {', '.join(missing)} (paths in column `{image_key}`, "
                          f"data.image_key, are resolved against {base})")
@@ -174,7 +174,8 @@ def _row_item(row: dict[str, Any], keys: dict[str, str], base: Path, system_prom
     if broken:
         raise ValueError(f"unreadable image file(s): {', '.join(broken)}; re-save them as PNG/JPEG or drop the row")
     try:
-        messages = _messages(row[prompt_key], len(images), system_prompt)
+        prompt, images = resolve_placeholders(row[prompt_key], images)  # <image_N> order, placeholder counts
+        messages = _messages(prompt, len(images), system_prompt)
     except ValueError as exc:
         raise ValueError(f"{exc} in column `{prompt_key}` (data.prompt_key)") from None
     metadata = {k: v for k, v in row.items() if k not in (id_key, prompt_key, answer_key, image_key)}
@@ -211,14 +212,16 @@ def _warn_unused_image_column(path: Path, columns: list[str], image_key: str) ->
 
 def load_prompts(path: str | Path, *, id_key: str = "id", prompt_key: str = "prompt", answer_key: str = "answer",
                  image_key: str = "images", system_prompt: str | None = None, limit: int | None = None,
-                 tokenizer: Any = None, max_prompt_tokens: int | None = None) -> list[PromptItem]:
+                 tokenizer: Any = None, max_prompt_tokens: int | None = None,
+                 skip_bad_rows: bool = False) -> list[PromptItem]:
     """Read a JSONL/parquet prompt file (``datasets``, offline) into ``PromptItem``s, checking every row.
 
     ``id_key``, ``prompt_key`` and ``answer_key`` columns are required (an answer cell may be null); the
     ``image_key`` column is optional. Numeric answers become strings (``7.0`` -> ``"7"``). ``limit`` keeps the
     first rows. With ``tokenizer`` and ``max_prompt_tokens``, a prompt longer than that after the chat template is
     a bad row too (found here, by row, rather than by a rollout worker mid-run). Raises ``PromptDataError``
-    listing every bad row (up to 10) and ``FileNotFoundError``.
+    listing every bad row (up to 10) and ``FileNotFoundError``; with ``skip_bad_rows`` (``data.skip_bad_rows``)
+    bad rows are left out and counted in a warning instead (an error still if no row is left).
     """
     path = Path(path).expanduser().resolve()
     columns, rows, _ = _read_rows(path)
@@ -246,6 +249,10 @@ def load_prompts(path: str | Path, *, id_key: str = "id", prompt_key: str = "pro
         items.append(item)
     if problems:
         more = f"\n  … and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+        if skip_bad_rows and items:
+            warnings.warn(f"{path}: skipped {len(problems)} bad row(s) of {len(rows)} (data.skip_bad_rows=true):\n  "
+                          + "\n  ".join(problems[:MAX_LISTED_PROBLEMS]) + more, stacklevel=2)
+            return items
         raise PromptDataError(f"{path}: {len(problems)} bad row(s):\n  " +
                               "\n  ".join(problems[:MAX_LISTED_PROBLEMS]) + more)
     return items

@@ -85,7 +85,8 @@ def _start(cfg: RecipeConfig, run_dir: Path) -> RunContext:
     model_path = str(resolve_model_path(cfg.model.path))
     d = cfg.data
     keys = dict(id_key=d.id_key, prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
-                system_prompt=d.system_prompt, tokenizer=AutoTokenizer.from_pretrained(model_path),
+                system_prompt=d.system_prompt, skip_bad_rows=d.skip_bad_rows,
+                tokenizer=AutoTokenizer.from_pretrained(model_path),
                 max_prompt_tokens=cfg.model.max_prompt_tokens)
     train = load_prompts(resolve_data_path(d.train, run_dir / "data"), **keys)
     evals = load_prompts(resolve_data_path(d.eval, run_dir / "data"), **keys)

@@ -23,6 +23,7 @@ from typing import Any
 from cascade_rl.algos.logprobs import compute_token_logprobs
 from cascade_rl.hf import PromptRenderer
 
+from .learner_batches import checkpoint_name_map
 from .rollout import RawSample, RenderedPrompt, RolloutSpec
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class HFBackend:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.blocked_ids = image_token_ids(self.model.config) if spec.is_vlm else []
+        # synced weights carry checkpoint names (InternVL: ``language_model.model.*``), the module others
+        self.module_names = {ckpt: name for name, ckpt in checkpoint_name_map(self.model).items()}
 
     # -------------------------------------------------------------------------------------------- sampling
 
@@ -161,7 +164,7 @@ class HFBackend:
     # -------------------------------------------------------------------------------------------- weights
 
     def load_weights(self, named_tensors: list[tuple[str, Any]]) -> None:
-        result = self.model.load_state_dict(dict(named_tensors), strict=False)
+        result = self.model.load_state_dict({self.module_names.get(n, n): t for n, t in named_tensors}, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"{len(result.unexpected_keys)} synced weight name(s) are not in the rollout model "
                              f"{self.spec.model_path} (e.g. {result.unexpected_keys[:3]}): learner and rollout "

@@ -201,3 +201,21 @@ def test_frozen_vision_and_projector_get_no_optimizer_state_and_no_sync(tiny_vlm
 
     with pytest.raises(ValueError, match="learner.freeze_vision=true, but Qwen3ForCausalLM has no vision"):
         freeze_parameters(AutoModelForCausalLM.from_pretrained(build_tiny_lm()), vision=True, projector=False)
+
+
+def test_hf_rollout_loads_the_learners_vlm_weights(tiny_vlm: Path, make_rollout_spec: Any, items: list[PromptItem],
+                                                    learner: LearnerWorker) -> None:
+    """Synced VLM weights carry checkpoint names (``language_model.model.*``, ``vision_tower.*``); the HF backend
+    maps them to its module names. After training a step, the engine samples with the learner's weights."""
+    batch = sft_batch(items, Encoder(str(tiny_vlm), max_tiles=MAX_TILES))
+    learner.train_sft(batch, num_global_tokens=sum(map(len, batch.response_token_ids)))
+    worker = RolloutWorker(make_rollout_spec(tiny_vlm, backend="hf", is_vlm=True, max_tiles=MAX_TILES))
+    named = [pair for bucket in learner.named_weights_for_sync() for pair in bucket]
+    assert any(n.startswith("language_model.model.") for n, _ in named)
+    worker.update_weights(named, version=1)
+    out = worker.generate(items, 2)
+    gspo = SequenceBatch([g.prompt_token_ids for g in out.generations], [g.token_ids for g in out.generations],
+                         images=[items[g.prompt_index].images for g in out.generations])
+    gaps = [abs(a - b) for g, lp in zip(out.generations, learner.compute_logprobs(gspo), strict=True)
+            for a, b in zip(g.logprobs, lp, strict=True)]
+    assert max(gaps) < 1e-4

@@ -228,7 +228,8 @@ def main() -> None:
     config = json.loads((Path(model_path) / "config.json").read_text())
     tile = config["vision_config"]["image_size"]
     tile = tile[0] if isinstance(tile, list) else tile
-    args.max_prompt_tokens = 64 + (args.max_tiles + 1) * config.get("image_seq_length", 256)
+    # room for the folder's own worst case too (12 tiles + thumbnail), which vLLM may profile with
+    args.max_prompt_tokens = 64 + (max(args.max_tiles, 12) + 1) * config.get("image_seq_length", 256)
     prompts = make_prompts(ROOT / ".cache" / "cascade_rl" / "bench" / f"vlm_images_{tile}", args.num_prompts, tile)
     rollout, out = bench_rollout(args, model_path, prompts)
     learner = bench_learner(args, model_path, prompts, out)

@@ -193,6 +193,7 @@ def test_a_misnamed_image_column_is_not_dropped_silently(tmp_path: Path) -> None
 def test_rollout_worker_checks_name_the_prompt_and_the_image(tmp_path: Path, tiny_lm: Path) -> None:
     """What a worker says when a bad prompt reaches it anyway (a prompt list built in code, a file changed later)."""
     from cascade_rl.actors.rollout import load_images, render_prompts
+
     from cascade_rl.hf import PromptRenderer
 
     renderer = PromptRenderer(str(tiny_lm))

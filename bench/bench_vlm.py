@@ -2,6 +2,7 @@
 
     python bench/bench_vlm.py                 # GPU: InternVL3.5-2B shape, 64 prompts x G=8, <= 1024 tokens
     python bench/bench_vlm.py --small         # CPU smoke: the tiny VLM, 8 prompts x G=2, 16 tokens (< 3 min)
+    python bench/bench_vlm.py --build-only    # only build the 2B-shaped model into the cache (about 4 GB)
 
 Model: ``cascade_rl.data.tiny_models.build_tiny_vlm(shape="internvl3_5-2b")``, a random InternVL3.5-2B-shaped
 model (InternViT-300M-448px tower, MLP projector, Qwen3-1.7B text model, vocab 151,936) built once into the cache.
@@ -212,6 +213,7 @@ def main() -> None:
     ap.add_argument("--freeze-vision", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=None, help="default 989 (H100 bf16 dense) on CUDA")
     ap.add_argument("--note", default="")
+    ap.add_argument("--build-only", action="store_true", help="build (and cache) the model, then exit")
     args = ap.parse_args()
     import torch
 
@@ -225,6 +227,9 @@ def main() -> None:
     args.max_tokens = args.max_tokens or (16 if small else 1024)
     args.backend, args.dtype = ("hf", "float32") if small else ("vllm", "bfloat16")
     model_path = str(build_tiny_vlm() if small else build_tiny_vlm(shape="internvl3_5-2b"))
+    if args.build_only:
+        print(model_path)
+        return
     config = json.loads((Path(model_path) / "config.json").read_text())
     tile = config["vision_config"]["image_size"]
     tile = tile[0] if isinstance(tile, list) else tile

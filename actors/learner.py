@@ -102,6 +102,9 @@ class LearnerSpec(WorkerSpec):
     offload_optimizer: bool
     attn_implementation: str
     packing: str
+    max_tiles: int  # InternVL tiles per image cap (model.max_tiles; 0: the model folder's setting)
+    freeze_vision: bool  # vision tower: no gradients, no optimizer state, not re-sent in weight sync
+    freeze_projector: bool  # vision-to-language projector, likewise
 
 
 class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
@@ -120,7 +123,7 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
         # δ is a mean over all ranks' rewards: RewardShift.update all-reduces its (sum, count) through this
         self.reward_shift = RewardShift(all_reduce_fn=self._all_reduce_sum if world_size > 1 else None)
         self._pad_id = pad_token_id(self.model.config)
-        self._images = ImageInputs(spec.model_path, self.model.config) if spec.is_vlm else None
+        self._images = ImageInputs(spec.model_path, self.model.config, spec.max_tiles) if spec.is_vlm else None
         self._sync_names: dict[str, str] | None = None
         self.packing_check_diff: float | None = None  # log-prob change from a packed neighbour (self-check)
         self._packed = self._choose_packing()
@@ -252,21 +255,24 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
         self._apply_lr()
 
     def named_weights_for_sync(self, bucket_bytes: int = DEFAULT_SYNC_BUCKET_BYTES, *,
-                               device: str | torch.device = "cpu",
-                               all_ranks: bool = False) -> Iterator[list[tuple[str, Tensor]]]:
+                               device: str | torch.device = "cpu", all_ranks: bool = False,
+                               include_frozen: bool = False) -> Iterator[list[tuple[str, Tensor]]]:
         """Buckets of (checkpoint name, weight) of about ``bucket_bytes`` each, for the rollout engine.
 
         Names are those of the Hugging Face checkpoint (what ``export_hf`` writes and vLLM's ``load_weights``
         maps). Collective under ZeRO-3 (each bucket is gathered on all ranks); only rank 0 yields tensors,
         other ranks yield empty lists, unless ``all_ranks`` (each rank feeds its own colocated engine). Under
         ZeRO 0-2, tensors already on ``device`` alias the live weights: use them before the next ``train_*`` call.
+        Frozen parameters (``learner.freeze_vision`` / ``freeze_projector``) never change, so the engine keeps
+        the copy it loaded and they are left out unless ``include_frozen`` (checkpoint export).
         """
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
         names = self._checkpoint_names()
         target = torch.device(device)
         zero3 = self.spec.zero_stage == 3
-        for bucket in bucket_parameters(list(self.model.named_parameters()), bucket_bytes):
+        params = [(n, p) for n, p in self.model.named_parameters() if include_frozen or n not in self.frozen]
+        for bucket in bucket_parameters(params, bucket_bytes):
             ctx = GatheredParameters([p for _, p in bucket], modifier_rank=None) if zero3 else contextlib.nullcontext()
             with ctx:
                 if self.rank != 0 and not all_ranks:
@@ -292,7 +298,9 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
             plan = plan_units(lengths, budget, packed=True, min_num_micro_batches=count)
         out = [build_micro_batch([seq for u in group for seq in units[u]], packed=self._packed,
                                  pad_token_id=self._pad_id, units=group,
-                                 images=[path for u in group for path in (images[u] if images else [])])
+                                 # every sequence of a unit (a pair's chosen and rejected) holds the prompt's images
+                                 images=[path for u in group for _ in units[u] for path in (images[u] if images
+                                                                                           else [])])
                for group in plan]
         return out + [dummy_micro_batch(self._pad_id, packed=self._packed) for _ in range(count - len(out))]
 

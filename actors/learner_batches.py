@@ -2,7 +2,7 @@
 
 Micro-batch planning and the packed / padded layouts are ``cascade_rl.algos.packing``; here: batches → units,
 image files →
-``pixel_values``, metric reduction over micro-batches and ranks, parameter buckets and checkpoint names for
+``pixel_values`` (through ``cascade_rl.hf``), metric reduction over micro-batches and ranks, parameter buckets and checkpoint names for
 weight sync, the DeepSpeed config and the LR schedule.
 """
 
@@ -22,52 +22,59 @@ from cascade_rl.algos.packing import MicroBatch, SequenceTokens
 from cascade_rl.types import PairBatch, SequenceBatch
 
 
-def load_images(paths: Sequence[str]) -> list[Any]:
-    """PIL RGB images from file paths; a missing file is an error naming it."""
-    from PIL import Image
-
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                images.append(img.convert("RGB"))
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"learner batch image not found: {path}") from e
-    return images
-
-
 class ImageInputs:
-    """``pixel_values`` for a micro-batch's image files, with the model's own image processor (InternVL-style)."""
+    """``pixel_values`` for a micro-batch's image files, tiled by ``cascade_rl.hf.PromptRenderer`` exactly as the
+    rollout engines tile them (same processor, same ``model.max_tiles``)."""
 
-    def __init__(self, model_path: str, config: Any) -> None:
-        from transformers import AutoImageProcessor
+    def __init__(self, model_path: str, config: Any, max_tiles: int = 0) -> None:
+        from cascade_rl.hf import PromptRenderer
 
         self.model_path, self.config = model_path, config
-        self.processor = AutoImageProcessor.from_pretrained(model_path)
+        self.renderer = PromptRenderer(model_path, max_tiles=max_tiles, is_vlm=True)
 
     def pixel_values(self, mb: MicroBatch) -> Tensor:
-        """(tiles, 3, H, W) for the micro-batch's images, in token order; checks the image-token count."""
-        out = self.processor(images=load_images(mb.images), return_tensors="pt")
-        extra = sorted(set(out) - {"pixel_values", "num_patches"})
-        if extra:
-            raise NotImplementedError(f"the image processor of {self.model_path} returns {extra}; the learner "
-                                      "supports InternVL-style VLMs (pixel_values only)")
-        pixels = out["pixel_values"]  # (tiles, 3, H, W)
+        """(tiles, 3, H, W) for the micro-batch's images, in token order; checks the image tokens per image."""
+        pixels, tiles = self.renderer.pixel_values(mb.images)  # (tiles, 3, H, W)
         per_tile, token_id = int(self.config.image_seq_length), int(self.config.image_token_id)
-        expected, found = pixels.shape[0] * per_tile, int((mb.input_ids == token_id).sum())
-        if found != expected:
-            raise ValueError(f"a learner micro-batch has {len(mb.images)} image(s) = {pixels.shape[0]} tile(s) x "
-                             f"{per_tile} tokens = {expected} image tokens, but its prompts hold {found} "
-                             f"image-context tokens (id {token_id}); prompt_token_ids must be the "
-                             "processor-expanded ids (as the rollout engine returns them), one entry per image")
+        expected, found = sum(tiles) * per_tile, int((mb.input_ids == token_id).sum())
+        in_prompts = [n for row in mb.input_ids.tolist() for n in self.renderer.tiles_per_image(row)]
+        if found != expected or in_prompts != tiles:
+            raise ValueError(f"a learner micro-batch has {len(mb.images)} image(s) = {sum(tiles)} tile(s) "
+                             f"{tiles} x {per_tile} tokens = {expected} image tokens, but its prompts hold "
+                             f"{found} image-context tokens (id {token_id}) in blocks of {in_prompts} tile(s); "
+                             "prompt_token_ids must be the processor-expanded ids (cascade_rl.hf.PromptRenderer, "
+                             "as the rollout engine returns them) with the same model.max_tiles, and each "
+                             "sequence must list its prompt's images")
         return pixels
 
     def dummy_pixel_values(self) -> Tensor:
         """One black tile (1, 3, H, W): keeps the vision tower in a pass that has no image."""
-        from PIL import Image
+        return self.renderer.dummy_pixel_values()
 
-        black = Image.new("RGB", (32, 32))  # the processor resizes it to the model's input size
-        return self.processor(images=[black], return_tensors="pt")["pixel_values"][:1]
+
+VISION_MODULES = ("vision_tower", "vision_model", "visual")  # InternVL / Qwen-VL-style attribute names
+PROJECTOR_MODULES = ("multi_modal_projector", "mlp1", "mm_projector")
+
+
+def freeze_parameters(model: Any, *, vision: bool, projector: bool) -> frozenset[str]:
+    """Turn off gradients of the vision tower and/or projector; return the frozen parameter names.
+
+    The optimizer is built from parameters that require gradients only, so frozen ones get no optimizer state.
+    """
+    wanted = (VISION_MODULES if vision else ()) + (PROJECTOR_MODULES if projector else ())
+    if not wanted:
+        return frozenset()
+    frozen = {n for n, _ in model.named_parameters() if any(part in wanted for part in n.split("."))}
+    if vision and not any(any(p in VISION_MODULES for p in n.split(".")) for n in frozen):
+        raise ValueError(f"learner.freeze_vision=true, but {type(model).__name__} has no vision tower "
+                         f"(a module named one of {VISION_MODULES}); unset it for a text-only model")
+    if projector and not any(any(p in PROJECTOR_MODULES for p in n.split(".")) for n in frozen):
+        raise ValueError(f"learner.freeze_projector=true, but {type(model).__name__} has no projector (a module "
+                         f"named one of {PROJECTOR_MODULES}); unset it for this model")
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    return frozenset(frozen)
 
 
 def bucket_parameters(named: Sequence[tuple[str, Any]], bucket_bytes: int) -> Iterator[list[tuple[str, Any]]]:

@@ -98,7 +98,7 @@ class LearnerCheckpointMixin:
         """Full weights on the CPU of rank 0 (empty elsewhere); ZeRO-3 gathers bucket by bucket."""
         state: dict[str, Tensor] = {}
         names = {v: k for k, v in self._checkpoint_names().items()}  # checkpoint name -> module name
-        for bucket in self.named_weights_for_sync(device="cpu"):
+        for bucket in self.named_weights_for_sync(device="cpu", include_frozen=True):
             for ckpt_name, t in bucket:
                 state[names[ckpt_name]] = t
         if self.rank == 0:  # persistent buffers (ZeRO never partitions buffers)

@@ -15,7 +15,7 @@ import torch
 
 from cascade_rl.algos.packing import build_micro_batch
 
-from .learner_batches import build_ds_config
+from .learner_batches import build_ds_config, freeze_parameters
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # cost Σ len² on packed rows
 
@@ -79,6 +79,7 @@ class LearnerSetupMixin:
         model = cls.from_pretrained(spec.model_path, dtype=dtype, attn_implementation=self._attn_implementation())
         del hf_ds_config
         model.config.use_cache = False
+        self.frozen = freeze_parameters(model, vision=spec.freeze_vision, projector=spec.freeze_projector)
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         text_config = model.config.get_text_config()

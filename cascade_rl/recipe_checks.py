@@ -89,7 +89,7 @@ def _check_rewards(cfg: RecipeConfig, problems: list[str]) -> None:
             return  # already reported by the data check
         sample = Sample(prompt=item.messages, response=str(item.sft_target or item.answer or ""),
                         ground_truth=item.answer, metadata=dict(item.metadata), images=list(item.images))
-        terms = resolve_terms([(t.name, t.weight, dict(t.kwargs)) for t in cfg.reward.terms])
+        terms = resolve_terms(list(cfg.reward.terms))
         for i in resolvable:
             why = probe_term(terms[i], sample, cfg.reward.timeout_s)
             if why:

@@ -52,6 +52,8 @@ class Generation:
     num_prompt_tokens: int
     prompt_token_ids: list[int] = field(default_factory=list)
     policy_version: int = 0
+    image_sha256: list[str] = field(default_factory=list)  # per prompt image: content hash of the file
+    image_tiles: list[int] = field(default_factory=list)  # per prompt image: tiles it was expanded to
 
 
 @dataclass
@@ -79,6 +81,8 @@ class RolloutRecord:
     num_response_tokens: int
     generate_s: float
     error: str | None = None
+    image_sha256: list[str] = field(default_factory=list)  # per image: what re-renders the prompt exactly
+    image_tiles: list[int] = field(default_factory=list)
 
     def to_row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,26 +16,27 @@ The response score aggregates the p_k: ``min`` (default, as VisualPRM's best-of-
 
 The checkpoint is any local Hugging Face folder (``AutoModelForImageTextToText`` when its config has a
 ``vision_config``, else ``AutoModelForCausalLM``), loaded lazily with ``local_files_only=True`` and cached per
-process. Samples with images are run one at a time (their pixel values differ in size); text-only ones in
-padded batches of ``batch_size``.
+process. Samples are scored in padded batches of ``batch_size`` (on the GPU when there is one), text-only and
+image samples together; image prompts are rendered by ``cascade_rl.hf.PromptRenderer`` (the policy's tiling,
+``max_tiles``), and the batch's tiles are concatenated in row order.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cascade_rl.hf import PromptRenderer
 from cascade_rl.types import Sample
 
 from .registry import Verdict, register_reward
 
 DEFAULT_STEP_SPLIT = r"\n\s*\n|\n"
 AGGREGATES = ("min", "mean", "last", "product")
-_CACHE: dict[tuple[str, str, str], ProcessRewardModel] = {}
+_CACHE: dict[tuple[str, str, str, int], ProcessRewardModel] = {}
 
 
 def split_steps(text: str, pattern: str = DEFAULT_STEP_SPLIT, max_steps: int = 64) -> list[str]:
@@ -70,34 +71,11 @@ def _single_token(tokenizer: Any, text: str, key: str) -> int:
     return ids[0]
 
 
-def _load_processor(path: Path, tokenizer: Any) -> Any:
-    """The checkpoint's processor; without torchvision, rebuilt from its image processor and tokenizer."""
-    import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(path, local_files_only=True)
-    except (ImportError, ValueError, OSError, TypeError):
-        name = json.loads((path / "processor_config.json").read_text()).get("processor_class", "")
-        base = getattr(transformers, name)
-
-        class ImageOnlyProcessor(base):  # type: ignore[misc, valid-type]
-            def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-                if argument is None and argument_name == "video_processor":
-                    return None
-                return super().check_argument_for_proper_class(argument_name, argument)
-
-        extra = {"video_processor": None} if "video_processor" in getattr(base, "attributes", []) else {}
-        seq = getattr(AutoConfig.from_pretrained(path), "image_seq_length", None)
-        return ImageOnlyProcessor(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tokenizer,
-                                  chat_template=tokenizer.chat_template, **extra,
-                                  **({"image_seq_length": seq} if seq else {}))
-
-
 class ProcessRewardModel:
     """A loaded PRM: ``step_scores(samples)`` -> per-step probabilities of the positive judgement."""
 
-    def __init__(self, model_path: str, *, device: str | None = None, dtype: str = "auto") -> None:
+    def __init__(self, model_path: str, *, device: str | None = None, dtype: str = "auto",
+                 max_tiles: int = 0) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
@@ -113,13 +91,16 @@ class ProcessRewardModel:
         model: Any = cls.from_pretrained(path, local_files_only=True, dtype=dtype)
         self.model = model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self._processor: Any = None
+        self._renderer: PromptRenderer | None = None
+        self.max_tiles = max_tiles
 
     @property
-    def processor(self) -> Any:
-        if self._processor is None:
-            self._processor = _load_processor(self.path, self.tokenizer)
-        return self._processor
+    def renderer(self) -> PromptRenderer:
+        """Prompt + images as the policy sees them (``cascade_rl.hf``), built on first image sample."""
+        if self._renderer is None:
+            self._renderer = PromptRenderer(str(self.path), max_tiles=self.max_tiles, tokenizer=self.tokenizer,
+                                            is_vlm=self.is_vlm)
+        return self._renderer
 
     def _prefix(self, sample: Sample) -> str:
         messages = list(sample.prompt or [])
@@ -144,14 +125,12 @@ class ProcessRewardModel:
         marker_ids = tok(marker, add_special_tokens=False)["input_ids"]
         if not marker_ids:
             raise ValueError(f"prm: kwargs.marker={marker!r} tokenises to nothing; use a visible text like '<prm>'")
-        prefix, pixel_values = self._prefix(sample), None
+        pixel_values = None
         if sample.images and self.is_vlm:
-            from PIL import Image
-
-            images = [Image.open(p).convert("RGB") for p in sample.images]
-            enc = self.processor(text=[prefix], images=images, return_tensors="pt")
-            ids, pixel_values = enc["input_ids"][0].tolist(), enc["pixel_values"]
+            rendered = self.renderer.render(list(sample.prompt or []), sample.images)
+            ids, pixel_values = rendered.token_ids, rendered.pixel_values
         else:
+            prefix = self._prefix(sample)
             ids = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
         positions = []
         for k, step in enumerate(steps):
@@ -170,7 +149,9 @@ class ProcessRewardModel:
         for b, (ids, _, _) in enumerate(batch):
             input_ids[b, :len(ids)] = torch.tensor(ids)
             mask[b, :len(ids)] = 1
-        extra = {"pixel_values": batch[0][2].to(self.device, self.model.dtype)} if batch[0][2] is not None else {}
+        # InternVL fills image-context tokens in row order: the rows' tiles concatenated in that order
+        pixels = [pv for _, _, pv in batch if pv is not None]
+        extra = {"pixel_values": torch.cat(pixels).to(self.device, self.model.dtype)} if pixels else {}
         with torch.no_grad():
             logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                 **extra).logits.float()  # (B, T, V)
@@ -198,20 +179,20 @@ class ProcessRewardModel:
             steps = split_steps(s.response if isinstance(s.response, str) else "", step_split, max_steps)
             if steps:
                 inputs[i] = self.build_inputs(s, steps, marker)
-        text_only = [i for i in inputs if inputs[i][2] is None]
-        groups = [text_only[j:j + batch_size] for j in range(0, len(text_only), max(1, batch_size))]
-        groups += [[i] for i in inputs if inputs[i][2] is not None]
+        order = list(inputs)  # text-only and image samples share padded batches
+        groups = [order[j:j + batch_size] for j in range(0, len(order), max(1, batch_size))]
         for group in groups:
             for i, p in zip(group, self._forward([inputs[i] for i in group], pos_id, neg_id, normalize), strict=True):
                 scores[i] = p
         return scores
 
 
-def load_prm(model_path: str, *, device: str | None = None, dtype: str = "auto") -> ProcessRewardModel:
+def load_prm(model_path: str, *, device: str | None = None, dtype: str = "auto",
+             max_tiles: int = 0) -> ProcessRewardModel:
     """A ``ProcessRewardModel`` for ``model_path``, loaded once per process and cached."""
-    key = (str(Path(model_path).expanduser().resolve()), device or "", dtype)
+    key = (str(Path(model_path).expanduser().resolve()), device or "", dtype, max_tiles)
     if key not in _CACHE:
-        _CACHE[key] = ProcessRewardModel(model_path, device=device, dtype=dtype)
+        _CACHE[key] = ProcessRewardModel(model_path, device=device, dtype=dtype, max_tiles=max_tiles)
     return _CACHE[key]
 
 
@@ -219,10 +200,10 @@ def load_prm(model_path: str, *, device: str | None = None, dtype: str = "auto")
 def prm_reward(samples: list[Sample], *, model_path: str, aggregate: str = "min",
                step_split: str = DEFAULT_STEP_SPLIT, marker: str = "<prm>", positive: str = "+",
                negative: str = "-", normalize: str = "pair", batch_size: int = 8, device: str | None = None,
-               dtype: str = "auto", max_steps: int = 64) -> list[float | None]:
+               dtype: str = "auto", max_steps: int = 64, max_tiles: int = 0) -> list[float | None]:
     """Process reward model (VisualPRM-style): per-step P(+) at step markers, aggregated (min|mean|last|product)."""
     aggregate_scores([], aggregate)  # validate before loading a model
-    prm = load_prm(model_path, device=device, dtype=dtype)
+    prm = load_prm(model_path, device=device, dtype=dtype, max_tiles=max_tiles)
     steps = prm.step_scores(samples, step_split=step_split, marker=marker, positive=positive, negative=negative,
                             normalize=normalize, batch_size=batch_size, max_steps=max_steps)
     out: list[float | None] = []

@@ -65,8 +65,8 @@ class CliRun:
     grace period is killed, so one test's crash never leaves load behind for the next.
     """
 
-    def __init__(self, run_dir: Path, overrides: list[str], *, log: Path, **env: str) -> None:
-        cmd = [sys.executable, "-m", "cascade_rl", "run", str(RECIPE), f"run_dir={run_dir}", *overrides]
+    def __init__(self, run_dir: Path, overrides: list[str], *, log: Path, recipe: Path = RECIPE, **env: str) -> None:
+        cmd = [sys.executable, "-m", "cascade_rl", "run", str(recipe), f"run_dir={run_dir}", *overrides]
         self.log = log
         with open(log, "a") as out:
             out.write(f"\n===== {' '.join(cmd[3:])} {env or ''}\n")
@@ -137,8 +137,8 @@ class CliRun:
                           f"{sorted(p.pid for p in alive)}\n")
 
 
-def run_cli(run_dir: Path, overrides: list[str], *, log: Path, **env: str) -> int:
-    return CliRun(run_dir, overrides, log=log, **env).wait()
+def run_cli(run_dir: Path, overrides: list[str], *, log: Path, recipe: Path = RECIPE, **env: str) -> int:
+    return CliRun(run_dir, overrides, log=log, recipe=recipe, **env).wait()
 
 
 def complete_steps(run_dir: Path, stage_folder: str) -> list[int]:

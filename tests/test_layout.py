@@ -15,14 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RULES = {
     "cascade_rl/algos": ({"cascade_rl.algos"}, {"torch", "math", "dataclasses", "typing", "collections",
                                                 "__future__", "functools", "itertools", "collections.abc"}),
-    "rewards": ({"cascade_rl.rewards", "cascade_rl.types", "cascade_rl.seeding"}, None),
+    # cascade_rl.hf: the one processor / image loader / multimodal prompt renderer
+    "rewards": ({"cascade_rl.rewards", "cascade_rl.types", "cascade_rl.seeding", "cascade_rl.hf"}, None),
     "actors": ({"cascade_rl.actors", "cascade_rl.algos", "cascade_rl.rewards", "cascade_rl.types",
-                "cascade_rl.seeding"}, None),
-    "cascade_rl/data": ({"cascade_rl.data", "cascade_rl.types", "cascade_rl.seeding"}, None),
+                "cascade_rl.seeding", "cascade_rl.hf"}, None),
+    "cascade_rl/data": ({"cascade_rl.data", "cascade_rl.types", "cascade_rl.seeding", "cascade_rl.hf"}, None),
     # the driver reaches workers only through the group API (actors.group), never a worker module
     "cascade_rl/stages": ({"cascade_rl.stages", "cascade_rl.actors.group", "cascade_rl.config", "cascade_rl.tracking",
                            "cascade_rl.data", "cascade_rl.types", "cascade_rl.algos", "cascade_rl.security",
-                           "cascade_rl.seeding"}, None),
+                           "cascade_rl.seeding", "cascade_rl.hf"}, None),
 }
 
 

@@ -397,13 +397,15 @@ def finish_dropout_ntp(requests: Sequence[DropoutNTPRequest],
 # ---------------------------------------------------------------------------------------------------- files
 
 
-def fill_token_ids(pairs: Sequence[PreferencePair], *, encode_prompt: Callable[[list[dict[str, Any]]], list[int]],
+def fill_token_ids(pairs: Sequence[PreferencePair], *,
+                   encode_prompt: Callable[[list[dict[str, Any]], list[str]], list[int]],
                    encode_response: Callable[[str], list[int]]) -> int:
-    """Tokenise the empty token-id fields of pairs in place (imported logs, word-cut DropoutNTP); return how many."""
+    """Tokenise the empty token-id fields of pairs in place (imported logs, pair files, word-cut DropoutNTP);
+    ``encode_prompt(messages, image_paths)`` renders a VLM prompt with its images. Return how many."""
     filled = 0
     for p in pairs:
         if not p.prompt_token_ids:
-            p.prompt_token_ids, filled = list(encode_prompt(json.loads(p.prompt))), filled + 1
+            p.prompt_token_ids, filled = list(encode_prompt(json.loads(p.prompt), list(p.images or []))), filled + 1
         if not p.chosen_token_ids:
             p.chosen_token_ids, filled = list(encode_response(p.chosen)), filled + 1
         if not p.rejected_token_ids:

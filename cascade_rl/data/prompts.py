@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from .images import image_cell_paths, resolve_placeholders
 from .table import FORMATS, DataFileError, get_key, is_dataset_folder, read_table, top_column
 from .tasks import TASKS, TASKS_VERSION, write_task
 
@@ -100,16 +101,16 @@ def extract_reference_answer(text: str | None, answer_format: str) -> str | None
 
 
 def _image_paths(value: Any, base: Path) -> tuple[list[str], list[str]]:
-    """(absolute paths, the ones that are missing) for a cell holding None, one path or a list of paths."""
+    """(absolute paths, the ones that are missing) for an image cell (``images.image_cell_paths``: None, a path,
+    ``{path: ...}``, or a list of those); a URL is refused (nothing is downloaded)."""
     if value is None:
         return [], []
-    raw = [value] if isinstance(value, str) else list(value)
+    raw = [value] if isinstance(value, str | dict) else list(value)
     urls = [p for p in raw if isinstance(p, str) and re.match(r"^[a-zA-Z][\w+.-]*://", p)]
     if urls:
         raise ValueError(f"image(s) given as URL: {', '.join(urls[:3])}; images are read from local files only "
                          "(nothing is downloaded): download them and put the local paths in the column")
-    paths = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in raw]
-    return paths, [p for p in paths if not Path(p).is_file()]
+    return image_cell_paths(value, base)
 
 
 def _unreadable_image(path: str) -> str | None:
@@ -218,7 +219,10 @@ def _row_item(row: dict[str, Any], keys: dict[str, Any], base: Path, system_prom
         if row_id is None or str(row_id).strip() == "":
             raise ValueError(f"empty id in column `{id_key}` (data.id_key)")
     answer, target = _answer_and_target(row, keys)
-    images, missing = _image_paths(get_key(row, image_key, None), base)
+    try:
+        images, missing = _image_paths(get_key(row, image_key, None), base)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (column `{image_key}`, data.image_key)") from None
     if missing:
         raise ValueError(f"image file(s) not found: {', '.join(missing)} (paths in column `{image_key}`, "
                          f"data.image_key, are resolved against {base})")
@@ -226,6 +230,7 @@ def _row_item(row: dict[str, Any], keys: dict[str, Any], base: Path, system_prom
     if broken:
         raise ValueError(f"unreadable image file(s): {', '.join(broken)}; re-save them as PNG/JPEG or drop the row")
     try:
+        prompt, images = resolve_placeholders(prompt, images)  # <image_N> order, placeholder counts
         messages = _messages(prompt, len(images), system_prompt)
     except ValueError as exc:
         raise ValueError(f"{exc} in column `{prompt_key}` (data.prompt_key)") from None
@@ -282,7 +287,8 @@ def _problem_report(path: Path, problems: list[str]) -> PromptDataError:
 def load_prompts(path: str | Path, *, id_key: str | None = None, prompt_key: str = "prompt",
                  answer_key: str = "answer", image_key: str = "images", sft_target_key: str | None = None,
                  answer_format: str = "raw", system_prompt: str | None = None, limit: int | None = None,
-                 tokenizer: Any = None, max_prompt_tokens: int | None = None) -> list[PromptItem]:
+                 tokenizer: Any = None, max_prompt_tokens: int | None = None,
+                 skip_bad_rows: bool = False) -> list[PromptItem]:
     """Read a JSONL/parquet file or ``save_to_disk`` folder (``datasets``, offline) into ``PromptItem``s, checking
     every row.
 
@@ -293,7 +299,9 @@ def load_prompts(path: str | Path, *, id_key: str | None = None, prompt_key: str
     extracts the ground truth from the answer cell (``extract_reference_answer``). The sft target is the
     ``sft_target_key`` column, else a ``solution`` column, else the whole answer cell. ``limit`` keeps the first
     rows. With ``tokenizer`` and ``max_prompt_tokens``, a prompt longer than that after the chat template is a bad
-    row too. Raises ``PromptDataError`` listing every bad row (up to 10) and ``FileNotFoundError``.
+    row too. Raises ``PromptDataError`` listing every bad row (up to 10) and ``FileNotFoundError``; with
+    ``skip_bad_rows`` (``data.skip_bad_rows``) bad rows are left out and counted in a warning instead (still an
+    error if no row is left).
     """
     path = Path(path).expanduser().resolve()
     columns, rows = _read_rows(path)
@@ -322,7 +330,11 @@ def load_prompts(path: str | Path, *, id_key: str | None = None, prompt_key: str
                             "must be unique")
         seen.setdefault(item.id, i)
         items.append(item)
-    if problems:
+    if problems and skip_bad_rows and items:
+        more = f"\n  … and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+        warnings.warn(f"{path}: skipped {len(problems)} bad row(s) of {len(rows)} (data.skip_bad_rows=true):\n  "
+                      + "\n  ".join(problems[:MAX_LISTED_PROBLEMS]) + more, stacklevel=2)
+    elif problems:
         raise _problem_report(path, problems)
     return items
 
@@ -331,7 +343,8 @@ def prompt_options(data: Any, *, tokenizer: Any = None, max_prompt_tokens: int |
     """``load_prompts`` keyword arguments from a recipe's ``data`` block (the one place they are mapped)."""
     return dict(id_key=data.id_key, prompt_key=data.prompt_key, answer_key=data.answer_key,
                 image_key=data.image_key, sft_target_key=data.sft_target_key, answer_format=data.answer_format,
-                system_prompt=data.system_prompt, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens)
+                system_prompt=data.system_prompt, skip_bad_rows=data.skip_bad_rows, tokenizer=tokenizer,
+                max_prompt_tokens=max_prompt_tokens)
 
 
 def _parse_value(text: str) -> int | float | str:

@@ -59,11 +59,13 @@ ROLLOUT_SCHEMA = pa.schema([
     pa.field("num_response_tokens", pa.int64()),
     pa.field("generate_s", pa.float64()),
     pa.field("error", pa.string()),
+    pa.field("image_sha256", pa.list_(pa.string())),
+    pa.field("image_tiles", pa.list_(pa.int32())),
 ])
 _FIELDS = [f.name for f in dataclasses.fields(RolloutRecord)]
 assert _FIELDS == ROLLOUT_SCHEMA.names, "ROLLOUT_SCHEMA must list RolloutRecord's fields in order"
 # Columns an older shard may lack; they are filled with nulls when read.
-_OPTIONAL_COLUMNS = {"error"}
+_OPTIONAL_COLUMNS = {"error", "image_sha256", "image_tiles"}
 _SHARD_RE = re.compile(r"^(?P<prefix>[^.].*?)-(?P<index>\d+)(?:-(?P<end>\d+))?\.parquet$")
 COMPACT_TARGET_ROWS = 262_144  # at most this many rows per compacted shard
 COMPACT_FANOUT = 16  # shards merged at once: a few dozen files at 1M records, each record rewritten ~log16(shards) times

@@ -3,9 +3,9 @@
 - ``build_tiny_lm``: a Qwen3 causal LM (``Qwen3ForCausalLM``), loadable by transformers and ``vllm.LLM``.
 - ``build_tiny_vlm``: an InternVL-architecture VLM (transformers' ``InternVLForConditionalGeneration``: an
   InternViT-style vision tower, pixel-shuffle + MLP projector, a Qwen3 text model), as in InternVL3.5.
-  Its processor is built by ``load_vlm_processor``: InternVL's ``AutoProcessor`` also wants a video processor,
-  which needs torchvision (not installed on CPU machines), so the image processor (the PIL
-  ``GotOcr2ImageProcessorPil``) and the tokenizer are loaded separately and joined in ``InternVLProcessor``.
+  Its processor comes from ``cascade_rl.hf.load_processor``: InternVL's ``AutoProcessor`` also wants a video
+  processor, which needs torchvision (not installed on CPU machines), so there the image processor (the PIL
+  ``GotOcr2ImageProcessorPil``) and the tokenizer are joined in an image-only ``InternVLProcessor``.
 
 A build lands in ``$CASCADE_RL_CACHE/models/<kind>-<hash>`` (default cache ``~/.cache/cascade_rl``), the hash
 covering the build arguments and ``BUILDER_VERSION``; it is written to a temp folder and renamed, so concurrent
@@ -131,17 +131,44 @@ def build_tiny_lm(out_dir: str | Path | None = None, *, hidden_size: int = 128, 
     return _cached_build("lm", args, out_dir, build)
 
 
-def build_tiny_vlm(out_dir: str | Path | None = None, *, hidden_size: int = 128, num_layers: int = 2,
-                   num_heads: int = 2, num_kv_heads: int = 1, head_dim: int = 64, intermediate_size: int = 384,
-                   vocab_size: int = 1024, max_position_embeddings: int = 1024, vision_hidden_size: int = 64,
-                   vision_layers: int = 1, vision_heads: int = 1, image_size: int = 64, patch_size: int = 16,
-                   seed: int = 0) -> Path:
-    """Build (or reuse) a random tiny InternVL VLM (Qwen3 text model) with tokenizer and image processor.
+# InternVL3.5-2B: InternViT-300M-448px (24 layers, hidden 1024, 16 heads, 448-px input, patch 14 -> 256 tokens per
+# tile after the 0.5 pixel shuffle), MLP projector 4096 -> 2048, Qwen3-1.7B text model (28 layers, hidden 2048,
+# 16/8 heads, head_dim 128, vocab 151,936, tied embeddings). Random weights: for throughput benchmarks.
+VLM_SHAPES: dict[str, dict[str, Any]] = {
+    "internvl3_5-2b": dict(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                           intermediate_size=6144, model_vocab_size=151_936, max_position_embeddings=40_960,
+                           vision_hidden_size=1024, vision_layers=24, vision_heads=16, image_size=448,
+                           patch_size=14, max_tiles=12, dtype="bfloat16"),
+}
 
-    An image becomes ``(image_size / patch_size)^2`` patches, pixel-shuffled by 0.5 into
-    ``image_seq_length = (image_size / patch_size / 2)^2`` tokens (4 by default) in the text stream.
+
+def build_tiny_vlm(out_dir: str | Path | None = None, *, shape: str = "tiny", hidden_size: int = 128,
+                   num_layers: int = 2, num_heads: int = 2, num_kv_heads: int = 1, head_dim: int = 64,
+                   intermediate_size: int = 384, vocab_size: int = 1024, model_vocab_size: int = 0,
+                   max_position_embeddings: int = 1024, vision_hidden_size: int = 64, vision_layers: int = 1,
+                   vision_heads: int = 1, image_size: int = 64, patch_size: int = 16, max_tiles: int = 1,
+                   dtype: str = "float32", seed: int = 0) -> Path:
+    """Build (or reuse) a random InternVL VLM (Qwen3 text model) with tokenizer and image processor.
+
+    An image tile becomes ``(image_size / patch_size)^2`` patches, pixel-shuffled by 0.5 into
+    ``image_seq_length = (image_size / patch_size / 2)^2`` tokens (4 by default) in the text stream; the saved
+    image processor tiles up to ``max_tiles`` (recipes override it with ``model.max_tiles``). ``shape`` other
+    than ``tiny`` (one of ``VLM_SHAPES``, e.g. ``internvl3_5-2b``) sets every size argument from that preset.
+    ``model_vocab_size`` pads the embedding beyond the tokenizer (0: exactly the tokenizer's length), as real
+    Qwen3 checkpoints do; padded ids decode to nothing. Big shapes are built on the GPU when there is one.
     """
-    args = {k: v for k, v in locals().items() if k != "out_dir"}
+    if shape != "tiny":
+        if shape not in VLM_SHAPES:
+            raise ValueError(f"tiny:vlm shape={shape!r}: valid shapes are tiny, {', '.join(VLM_SHAPES)}")
+        preset = VLM_SHAPES[shape]
+        hidden_size, num_layers, num_heads, num_kv_heads = (preset[k] for k in ("hidden_size", "num_layers",
+                                                                                 "num_heads", "num_kv_heads"))
+        head_dim, intermediate_size, model_vocab_size = preset["head_dim"], preset["intermediate_size"], \
+            preset["model_vocab_size"]
+        max_position_embeddings, vision_hidden_size = preset["max_position_embeddings"], preset["vision_hidden_size"]
+        vision_layers, vision_heads, image_size = preset["vision_layers"], preset["vision_heads"], preset["image_size"]
+        patch_size, max_tiles, dtype = preset["patch_size"], preset["max_tiles"], preset["dtype"]
+    args = {k: v for k, v in locals().items() if k not in ("out_dir", "preset")}
     if image_size % (2 * patch_size):
         raise ValueError(f"image_size={image_size} must be a multiple of 2 * patch_size={2 * patch_size} "
                          "(InternVL pixel-shuffles the patch grid by 0.5)")
@@ -152,20 +179,26 @@ def build_tiny_vlm(out_dir: str | Path | None = None, *, hidden_size: int = 128,
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
         tok = _train_tokenizer(tmp, vocab_size, seed)
+        if model_vocab_size and model_vocab_size < len(tok):
+            raise ValueError(f"model_vocab_size={model_vocab_size} is below the tokenizer's {len(tok)} tokens")
         vision = InternVLVisionConfig(
             hidden_size=vision_hidden_size, num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
             intermediate_size=4 * vision_hidden_size, image_size=image_size, patch_size=patch_size)
-        text = _text_config(len(tok), hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
-                            intermediate_size, max_position_embeddings, tok)
+        text = _text_config(model_vocab_size or len(tok), hidden_size, num_layers, num_heads, num_kv_heads,
+                            head_dim, intermediate_size, max_position_embeddings, tok)
         config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5,
                                 image_token_id=tok.context_image_token_id,
                                 image_seq_length=(image_size // patch_size // 2) ** 2, tie_word_embeddings=True)
         torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config)
+        if dtype == "float32":
+            model = InternVLForConditionalGeneration(config)
+        else:  # a benchmark shape: built in its dtype, on the GPU if there is one (a 2B model is 8 GB in fp32)
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                model = InternVLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
         model.save_pretrained(tmp)
         _save_generation_config(model, tok, tmp)
-        GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=False,
-                                 max_patches=1).save_pretrained(tmp)
+        GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=max_tiles > 1,
+                                 min_patches=1, max_patches=max_tiles).save_pretrained(tmp)
         # As in InternVL *-hf folders: AutoProcessor (where torchvision exists) reads image_seq_length here.
         (tmp / "processor_config.json").write_text(json.dumps(
             {"processor_class": "InternVLProcessor", "image_seq_length": config.image_seq_length}, indent=1))
@@ -174,30 +207,16 @@ def build_tiny_vlm(out_dir: str | Path | None = None, *, hidden_size: int = 128,
 
 
 def load_vlm_processor(path: str | Path) -> Any:
-    """An ``InternVLProcessor`` (tokenizer + PIL image processor, no video processor) for a VLM folder.
+    """The VLM folder's processor, torchvision-free where needed (``cascade_rl.hf.load_processor``).
 
     Usage: ``text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`` (each
     ``{"type": "image"}`` part renders as one ``<IMG_CONTEXT>``), then
-    ``proc(text=[text], images=[pil_image], return_tensors="pt")`` gives ``input_ids``, ``attention_mask`` and
-    ``pixel_values`` (one (3, H, W) tile per image) for ``model(**inputs)`` / ``model.generate(**inputs)``.
+    ``proc(text=[text], images=[pil_image], return_tensors="pt")``; to get the exact ids every part of the
+    system uses, render with ``cascade_rl.hf.PromptRenderer`` instead.
     """
-    from transformers import AutoConfig, AutoTokenizer, InternVLProcessor
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from cascade_rl.hf import load_processor
 
-    class ImageOnlyInternVLProcessor(InternVLProcessor):
-        """InternVL's processor without a video processor: its class check would import torchvision."""
-
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    return ImageOnlyInternVLProcessor(
-        image_processor=GotOcr2ImageProcessorPil.from_pretrained(path), tokenizer=tok, video_processor=None,
-        image_seq_length=config.image_seq_length, chat_template=tok.chat_template)
+    return load_processor(str(path))
 
 
 TINY_BUILDERS: dict[str, Callable[..., Path]] = {"lm": build_tiny_lm, "vlm": build_tiny_vlm}

@@ -7,25 +7,24 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from ..data.prompts import PromptItem
+from ..hf import PromptRenderer
 from ..seeding import derive_seed
 from ..types import PairBatch, PreferencePair, SequenceBatch
 from .protocols import EncoderProtocol
 
 
 class Encoder:
-    """Chat-template prompts and plain-text responses to token ids with the policy's tokenizer."""
+    """Prompts (chat template + images, by the same ``PromptRenderer`` as the rollout engines) and plain-text
+    responses to token ids with the policy's tokenizer."""
 
-    def __init__(self, model_path: str) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+    def __init__(self, model_path: str, *, max_tiles: int = 0) -> None:
+        self.renderer = PromptRenderer(model_path, max_tiles=max_tiles)
+        self.tokenizer = self.renderer.tokenizer
         self.eos = self.tokenizer.eos_token_id
 
-    def prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        ids: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+    def prompt(self, messages: list[dict[str, Any]], images: list[str] | tuple[str, ...] = ()) -> list[int]:
+        """Processor-expanded prompt ids: equal to what the rollout engine reports for the same prompt."""
+        return self.renderer.render(messages, images).token_ids
 
     def response(self, text: str, *, add_eos: bool = True) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -40,7 +39,7 @@ def sft_batch(items: list[PromptItem], enc: EncoderProtocol) -> SequenceBatch:
         raise ValueError(f"sft: prompt(s) {missing[:5]} have no reference response (no answer and no sft target); "
                          "set data.sft_target_key to the column holding the response to train on")
     responses = [enc.response(str(it.sft_target or it.answer)) for it in items]
-    return SequenceBatch(prompt_token_ids=[enc.prompt(it.messages) for it in items],
+    return SequenceBatch(prompt_token_ids=[enc.prompt(it.messages, it.images) for it in items],
                          response_token_ids=responses,
                          images=[it.images for it in items] if any(it.images for it in items) else None)
 

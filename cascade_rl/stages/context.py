@@ -190,6 +190,10 @@ class RunContext:
             half = ev.num_table_rows // 2  # sampled responses (what the RL stages optimise) first, then greedy
             rows = sample_rows(tag, self.state.global_step, "sampled", prompts, sampled.generations,
                                sampled_results)[: ev.num_table_rows - half] + rows[:half]
+        if ev.best_of_n > 0:  # Best-of-N: a selector term (e.g. the PRM) picks one of N samples per prompt
+            cand = self.rollout.generate(prompts, ev.best_of_n, key=EVAL_KEY)
+            metrics.update(best_of_n_metrics(cand.generations, self.score(prompts, cand.generations),
+                                             ev.best_of_n, ev.best_of_n_by))
         metrics["perf/eval_s"] = time.perf_counter() - t0
         self.log(metrics)
         self.tracker.log_table(rows[: ev.num_table_rows], f"samples/{tag}_step{self.state.global_step:06d}.json")
@@ -216,6 +220,25 @@ def _eval_metrics(prefix: str, generations: list[Any], results: list[RewardResul
         f"{prefix}/mean_reward": sum(r.total for r in results) / n,
         f"{prefix}/response_tokens": sum(len(g.token_ids) for g in generations) / n,
     }
+
+
+def best_of_n_metrics(generations: list[Any], results: list[RewardResult], n: int, by: str) -> dict[str, float]:
+    """``eval/best_of_n/*``: accuracy and reward of the response whose ``by`` component is highest among each
+    prompt's n samples (first on ties; a sample without that component ranks lowest), and the oracle pass@n."""
+    if results and not any(by in r.components for r in results):
+        raise ValueError(f"eval.best_of_n_by={by!r}: no reward term with that label scored the samples (labels: "
+                         f"{sorted({k for r in results for k in r.components})}); add it to reward.terms (weight 0 "
+                         "keeps it out of the training reward) or set eval.best_of_n_by to one of the labels")
+    picked, oracle = [], []
+    for start in range(0, len(generations), n):
+        group = results[start:start + n]
+        best = max(range(len(group)), key=lambda j: (group[j].components.get(by, float("-inf")), -j))
+        picked.append(group[best])
+        oracle.append(any(bool(r.correct) for r in group))
+    k = max(len(picked), 1)
+    return {"eval/best_of_n/accuracy": sum(bool(r.correct) for r in picked) / k,
+            "eval/best_of_n/mean_reward": sum(r.total for r in picked) / k,
+            "eval/best_of_n/pass_at_n": sum(oracle) / k}
 
 
 def reward_metrics(results: list[RewardResult]) -> dict[str, float]:

@@ -62,7 +62,7 @@ def _run(cfg: RecipeConfig, recipe_path: str | os.PathLike | None, overrides: li
     print(f"run_dir {run_dir} (library logs: {log_file}; -v shows them)", flush=True)
     ctx = _start(cfg, run_dir, verbose, recipe_path)
     use_step_lines(ctx.tracker)
-    ctx.encoder = Encoder(ctx.model_path)
+    ctx.encoder = Encoder(ctx.model_path, max_tiles=cfg.model.max_tiles)
     stop = ctx.stop = GracefulStop().install()  # after ray.init, which sets a SIGTERM handler of its own
     status, at_once = "FAILED", False
     try:

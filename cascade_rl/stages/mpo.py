@@ -17,6 +17,7 @@ from ..config import StageConfig
 from ..data.pair_files import load_pair_file
 from ..data.pairs import build_pairs, fill_token_ids, no_pairs_hint, read_pairs, write_pairs
 from ..data.rollout_log import read_rollout_log
+from ..hf import check_image_hashes
 from .batching import num_batches, pair_batch, take_batches
 from .context import RunContext
 from .rollout import log_dir
@@ -29,6 +30,14 @@ def _source_logs(ctx: RunContext, stage: StageConfig, index: int) -> Path:
         return Path(stage.mpo.logs)
     previous = [s for s in ctx.cfg.stages[:index] if s.kind == "rollout"]
     return log_dir(ctx, previous[-1].name)
+def check_logged_images(records: list) -> None:
+    """Each logged image must still hold the content it was sampled with (hash in the log)."""
+    seen: set[tuple[str, ...]] = set()
+    for r in records:
+        key = tuple(r.images or ())
+        if key and key not in seen:
+            seen.add(key)
+            check_image_hashes(list(key), list(r.image_sha256 or []), f"rollout record {r.record_id}")
 
 
 def prepare_pairs(ctx: RunContext, stage: StageConfig, index: int) -> list:
@@ -40,13 +49,14 @@ def prepare_pairs(ctx: RunContext, stage: StageConfig, index: int) -> list:
         source = stage.mpo.pairs
     else:
         source = str(_source_logs(ctx, stage, index))
-        pairs, stats = build_pairs(read_rollout_log(source), max_pairs_per_prompt=stage.mpo.max_pairs_per_prompt,
-                                   seed=ctx.cfg.seed)
+        records = read_rollout_log(source)
+        check_logged_images(records)  # the images must still be those the engine sampled from
+        pairs, stats = build_pairs(records, max_pairs_per_prompt=stage.mpo.max_pairs_per_prompt, seed=ctx.cfg.seed)
     if not pairs:
         raise RuntimeError(f"stage `{stage.name}`: no preference pairs from {source} "
                            f"({json.dumps(stats.as_dict())}): {no_pairs_hint(stats, source)}")
     enc = ctx.require_encoder()
-    fill_token_ids(pairs, encode_prompt=enc.prompt, encode_response=enc.response)  # imported logs lack ids
+    fill_token_ids(pairs, encode_prompt=enc.prompt, encode_response=enc.response)  # imported logs, pair files
     t0 = time.perf_counter()
     for i in range(0, len(pairs), REF_BATCH):  # reference log-probs with the frozen start policy
         part = pairs[i : i + REF_BATCH]

@@ -33,6 +33,7 @@ def make_records(ctx: RunContext, stage: StageConfig, step: int, prompts, out, r
             correct=r.correct, finish_reason=g.finish_reason, num_prompt_tokens=g.num_prompt_tokens,
             num_response_tokens=len(g.token_ids), generate_s=per_prompt_s,
             error=json.dumps(r.errors) if r.errors else None,
+            image_sha256=list(g.image_sha256), image_tiles=list(g.image_tiles),
         )
         for g, r in zip(out.generations, results, strict=True)
     ]

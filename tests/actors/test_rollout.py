@@ -104,15 +104,15 @@ def hf_worker(make_rollout_spec: Any, tiny_lm: Path) -> RolloutWorker:
 
 
 def test_render_prompts_tokenises_with_the_chat_template(hf_worker: RolloutWorker, prompts: list) -> None:
-    tok = hf_worker.engine.tokenizer
-    rendered = render_prompts(prompts[:2], tok, tok, max_prompt_tokens=128, is_vlm=False)
+    tok, renderer = hf_worker.engine.tokenizer, hf_worker.engine.renderer
+    rendered = render_prompts(prompts[:2], renderer, max_prompt_tokens=128)
     text = "<|im_start|>user\nWhat is 0 + 1?<|im_end|>\n<|im_start|>assistant\n"
     assert rendered[0].text == text
     assert rendered[0].token_ids == tok(text, add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match=r"2 prompt\(s\) exceed model.max_prompt_tokens=5: #0"):
-        render_prompts(prompts[:2], tok, tok, max_prompt_tokens=5, is_vlm=False)
+        render_prompts(prompts[:2], renderer, max_prompt_tokens=5)
     with pytest.raises(ValueError, match="text-only"):
-        render_prompts([(prompts[0][0], ["/x.png"])], tok, tok, max_prompt_tokens=128, is_vlm=False)
+        render_prompts([(prompts[0][0], ["/x.png"])], renderer, max_prompt_tokens=128)
 
 
 def test_hf_generate_returns_n_ordered_samples_with_logprobs(hf_worker: RolloutWorker, prompts: list) -> None:

@@ -161,7 +161,7 @@ def test_pairs_file_round_trip_and_fill_token_ids(tmp_path: Path) -> None:
     path = write_pairs(pairs, tmp_path / "sub" / "pairs.parquet")
     assert read_pairs(path) == pairs and [p.name for p in path.parent.iterdir()] == ["pairs.parquet"]
     pairs[0].prompt_token_ids, pairs[0].rejected_token_ids = [], []
-    n = fill_token_ids(pairs, encode_prompt=lambda m: [len(m)], encode_response=lambda t: [len(t)])
+    n = fill_token_ids(pairs, encode_prompt=lambda m, images: [len(m)], encode_response=lambda t: [len(t)])
     assert n == 2 and pairs[0].prompt_token_ids == [1] and pairs[0].rejected_token_ids == [len(pairs[0].rejected)]
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 nope")
     with pytest.raises(ValueError, match="bad.parquet is not readable parquet"):

@@ -136,3 +136,32 @@ def test_vllm_generates_with_the_tiny_lm(tiny_lm_vllm, tiny_lm: Path) -> None:
         logp = model(ids).logits[0, len(prompt_ids) - 1 : -1].log_softmax(-1)  # (6, V)
     hf_logprobs = logp.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
     torch.testing.assert_close(vllm_logprobs, hf_logprobs, atol=1e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_internvl3_5_2b_shape_is_the_hf_internvl_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench shape, built with 1 text and 1 vision layer (the full 2B is 4 GB); its full size on the meta device."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from cascade_rl.data import tiny_models
+
+    full = tiny_models.VLM_SHAPES["internvl3_5-2b"]
+    monkeypatch.setitem(tiny_models.VLM_SHAPES, "one-layer", {**full, "num_layers": 1, "vision_layers": 1})
+    path = tiny_models.build_tiny_vlm(tmp_path / "m", shape="one-layer")
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == "internvl" and config.architectures == ["InternVLForConditionalGeneration"]
+    assert config.image_seq_length == 256  # (448 / 14 / 2)^2 tokens per tile
+    assert (config.text_config.hidden_size, config.text_config.vocab_size) == (2048, 151_936)
+    assert (config.vision_config.hidden_size, config.vision_config.image_size) == (1024, [448, 448])
+    processor = json.loads((path / "preprocessor_config.json").read_text())
+    assert processor["crop_to_patches"] and processor["max_patches"] == 12
+    config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers = 28, 24
+    config.text_config.layer_types = ["full_attention"] * 28
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert 1.9e9 < sum(p.numel() for p in model.parameters()) < 2.4e9  # InternVL3.5-2B: about 2.1B
+    with pytest.raises(ValueError, match="valid shapes are tiny, internvl3_5-2b"):
+        tiny_models.build_tiny_vlm(shape="internvl9")

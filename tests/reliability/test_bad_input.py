@@ -193,13 +193,14 @@ def test_a_misnamed_image_column_is_not_dropped_silently(tmp_path: Path) -> None
 def test_rollout_worker_checks_name_the_prompt_and_the_image(tmp_path: Path, tiny_lm: Path) -> None:
     """What a worker says when a bad prompt reaches it anyway (a prompt list built in code, a file changed later)."""
     from cascade_rl.actors.rollout import load_images, render_prompts
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    from cascade_rl.hf import PromptRenderer
+
+    renderer = PromptRenderer(str(tiny_lm))
     prompts = [([{"role": "user", "content": "short"}], []), ([{"role": "user", "content": HUGE_PROMPT}], [])]
     with pytest.raises(ValueError, match=r"1 prompt\(s\) exceed model\.max_prompt_tokens=256: #1 \(\d{6,} tokens, "
                                          r"'0 1 2 3 .*raise model\.max_prompt_tokens"):
-        render_prompts(prompts, tok, tok, 256, is_vlm=False)
+        render_prompts(prompts, renderer, 256)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(ValueError, match=r"prompt image '.*broken\.png' is not a readable image .*re-save it"):

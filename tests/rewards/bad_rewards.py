@@ -9,9 +9,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from cascade_rl.rewards import reward
+
 from cascade_rl.types import Sample
 
 
+@reward
 def huge(sample: Sample) -> float | int | dict:
     """Returns what metadata["value"] names: a huge float, a huge int, or a dict holding one."""
     kind = sample.metadata.get("value")
@@ -24,6 +27,7 @@ def huge(sample: Sample) -> float | int | dict:
     return 0.5
 
 
+@reward
 def forks(sample: Sample, *, pid_file: str) -> float:
     """Starts a child and a detached grandchild (``sh -c 'sleep &'``) and returns without waiting for them."""
     child = subprocess.Popen(["sleep", "60"])
@@ -32,6 +36,7 @@ def forks(sample: Sample, *, pid_file: str) -> float:
     return 1.0
 
 
+@reward
 def grows(sample: Sample) -> float:
     """Allocates 64 MiB blocks until the allocation fails."""
     blocks = []
@@ -39,6 +44,7 @@ def grows(sample: Sample) -> float:
         blocks.append(bytearray(64 * 2**20))
 
 
+@reward
 def oom_killed(sample: Sample) -> float:
     """Grows a little, then dies by SIGKILL as the kernel's out-of-memory killer kills a process."""
     ballast = bytearray(32 * 2**20)
@@ -47,6 +53,7 @@ def oom_killed(sample: Sample) -> float:
     return float(len(ballast))
 
 
+@reward
 def needs_bonus(sample: Sample, *, bonus: float = 0.0) -> float:
     """Well-behaved, with one keyword argument (a recipe that misspells it must be caught)."""
     return bonus

@@ -121,3 +121,23 @@ def test_vlm_scores_steps_with_the_image(tiny_vlm: Path, tmp_path: Path) -> None
     with torch.no_grad():
         z = model(input_ids=torch.tensor([ids]), pixel_values=pixel_values).logits[0, positions]  # (K, V)
     assert got == pytest.approx(torch.sigmoid(z[:, pos_id] - z[:, neg_id]).tolist(), abs=1e-5)
+
+
+def test_image_and_text_samples_score_alike_in_one_batch_or_alone(tiny_vlm: Path, tmp_path: Path) -> None:
+    """Batched scoring (tiles of several images concatenated in row order, text-only rows beside them) gives
+    each sample the scores it gets alone."""
+    from PIL import Image
+
+    Image.effect_noise((64, 64), 50).convert("RGB").save(tmp_path / "a.png")
+    Image.effect_noise((160, 64), 80).convert("RGB").save(tmp_path / "wide.png")
+    q = [{"role": "user", "content": "Which shape?"}]
+    samples = [Sample(prompt=q, response="a circle\nso circle", images=[str(tmp_path / "wide.png")]),
+               Sample(prompt=q, response="12+7=19\n\n19"),
+               Sample(prompt=q, response="a square", images=[str(tmp_path / "a.png"), str(tmp_path / "wide.png")])]
+    prm = load_prm(str(tiny_vlm), max_tiles=4)
+    batched = prm.step_scores(samples, batch_size=8)
+    alone = [prm.step_scores([s], batch_size=1)[0] for s in samples]
+    assert [len(s) for s in batched] == [2, 2, 1]
+    for b, a in zip(batched, alone, strict=True):
+        assert b == pytest.approx(a, abs=1e-5)
+    assert prm.renderer.render(q, samples[0].images).num_tiles == [4]  # the policy's tiling (max_tiles=4)

@@ -207,6 +207,20 @@ def _learner_actor() -> Any:
             def ping(self) -> int:
                 return self.rank
 
+            def configure_speed(self, attention: str | None = None, micro_batch_tokens: int | None = None,
+                                auto_micro_batch_tokens: bool | None = None) -> dict[str, Any]:
+                """Switch attention (and packing with it) or the micro-batch budget of a live learner."""
+                from .attention import set_attention
+
+                if attention is not None:
+                    set_attention(self, attention)
+                if micro_batch_tokens is not None:
+                    self.spec.micro_batch_tokens = micro_batch_tokens
+                if auto_micro_batch_tokens is not None:
+                    self.spec.auto_micro_batch_tokens, self._auto_budget_done = auto_micro_batch_tokens, False
+                return {"attention": self.model.config._attn_implementation, "packed": self._packed,
+                        "micro_batch_tokens": self.spec.micro_batch_tokens}
+
         _LEARNER_ACTOR = ray.remote(LearnerActor)
     return _LEARNER_ACTOR
 
@@ -215,7 +229,10 @@ class LearnerGroup:
     """One learner actor per data-parallel rank; every call goes to all ranks (they are collective)."""
 
     def __init__(self, spec: Any, num_ranks: int, num_gpus_per_rank: float = 0.0, *,
-                 placement: GroupPlacement | None = None) -> None:
+                 placement: GroupPlacement | None = None, wait: bool = True) -> None:
+        """``wait=False`` returns once the actors are created (their constructors still running): call
+        ``wait_ready`` before using the group, so other groups can start meanwhile."""
+        t0 = time.perf_counter()
         self._own: Placement | None = None
         if placement is None:
             self._own = make_placement("split", num_learner_ranks=num_ranks, num_gpus_per_rank=num_gpus_per_rank,
@@ -228,10 +245,24 @@ class LearnerGroup:
         cls = _learner_actor()
         self.workers = [cls.options(**placement.options(r)).remote(spec, r, num_ranks, addr, port)
                         for r in range(num_ranks)]
-        ray.get([w.ping.remote() for w in self.workers])  # construction errors surface here
+        self._t0, self.start_s = t0, 0.0  # seconds from construction until every rank is ready
+        self._pending: list[ray.ObjectRef] | None = [w.ping.remote() for w in self.workers]
+        if wait:
+            self.wait_ready()
         self.last_checkpoint: str | None = None  # newest learner checkpoint saved or loaded by this group
         self._writing: str | None = None  # a checkpoint being saved right now
         self._failed: LearnerFailedError | None = None
+
+    def wait_ready(self) -> None:
+        """Block until every rank is constructed; construction errors surface here."""
+        if self._pending is not None:
+            ray.get(self._pending)
+            self._pending = None
+            self.start_s = time.perf_counter() - self._t0
+
+    def configure_speed(self, **settings: Any) -> dict[str, Any]:
+        """``attention`` (``varlen`` | an HF name) and/or ``micro_batch_tokens`` on every rank; rank 0's result."""
+        return ray.get([w.configure_speed.remote(**settings) for w in self.workers])[0]
 
     def _run(self, call: str, refs: list[ray.ObjectRef], *, skip_fetch: int | None = None) -> list[Any]:
         """One result per rank; a dead rank stops every rank and raises ``LearnerFailedError`` (see faults.py)."""
@@ -340,20 +371,45 @@ class LearnerGroup:
 # ------------------------------------------------------------------------------------------------ rollout
 
 
+class RolloutActor(RolloutWorker):
+    """A rollout worker whose engine may start later than its process (``start=False``): the process imports the
+    engine's modules meanwhile, the slow part of a vLLM start that needs no GPU memory."""
+
+    def __init__(self, spec: RolloutSpec, start: bool = True) -> None:
+        self._deferred: RolloutSpec | None = spec
+        if start:
+            self.start_engine()
+        elif spec.backend == "vllm":
+            import vllm  # noqa: F401  (warms the import; the engine starts in start_engine)
+
+    def start_engine(self) -> int:
+        if self._deferred is not None:
+            spec, self._deferred = self._deferred, None
+            RolloutWorker.__init__(self, spec)
+        return self.get_policy_version()
+
+
 class RolloutGroup:
     """``num_workers`` rollout workers; prompts are split evenly (contiguous slices), results rejoined in order."""
 
     def __init__(self, spec: RolloutSpec, num_workers: int = 1, num_gpus_per_worker: float = 0.0, *,
-                 placement: GroupPlacement | None = None, max_restarts: int = 2) -> None:
+                 placement: GroupPlacement | None = None, max_restarts: int = 2, defer_engines: bool = False) -> None:
+        """``defer_engines=True``: the worker processes start and import the engine now, the engines themselves
+        only at ``start_engines`` (e.g. once a colocated learner holds its GPU memory: vLLM sizes its KV cache
+        from the memory it sees free while it profiles)."""
+        t0 = time.perf_counter()
         self._own: Placement | None = None
         if placement is None and num_gpus_per_worker > 0:
             self._own = make_placement("split", num_learner_ranks=0, num_gpus_per_rank=num_gpus_per_worker,
                                        num_rollout_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker)
             placement = self._own.rollout
         self.spec, self.placement = spec, placement or GroupPlacement(0, 0)
-        self._cls = ray.remote(RolloutWorker)
-        self.workers = [self._spawn(i) for i in range(num_workers)]
-        ray.get([w.get_policy_version.remote() for w in self.workers])  # engine start errors surface here
+        self._cls = ray.remote(RolloutActor)
+        self.workers = [self._cls.options(**self.placement.options(i)).remote(self.spec, start=not defer_engines)
+                        for i in range(num_workers)]
+        self._t0, self.start_s, self.engine_start_s = t0, 0.0, 0.0
+        if not defer_engines:
+            self.start_engines()
         self.version = 0
         self._calls = 0
         self._weights_ref: ray.ObjectRef | None = None  # kept so a restarted worker can load the current version
@@ -369,6 +425,13 @@ class RolloutGroup:
 
     def _spawn(self, i: int) -> Any:
         return self._cls.options(**self.placement.options(i)).remote(self.spec)
+
+    def start_engines(self) -> None:
+        """Start the engines of workers made with ``defer_engines`` (a no-op for started ones); errors surface here.
+        ``start_s``: seconds from construction until every engine is up; ``engine_start_s``: this call's."""
+        t0 = time.perf_counter()
+        ray.get([w.start_engine.remote() for w in self.workers])
+        self.engine_start_s, self.start_s = time.perf_counter() - t0, time.perf_counter() - self._t0
 
     def _gather(self, refs: list[ray.ObjectRef], resubmit: Any) -> list[Any]:
         """``ray.get`` of one ref per worker; a dead worker is restarted (at the current policy version) and its
@@ -508,9 +571,11 @@ class RewardGroup:
                                correct_threshold=correct_threshold, num_processes=num_processes)
         self.max_restarts = max_restarts
         self.num_restarts = 0
+        t0 = time.perf_counter()
         self._cls = ray.remote(num_cpus=0)(RewardWorker)
         self.workers = [self._cls.remote(self.spec) for _ in range(num_workers)]
         ray.get([w.stats.remote() for w in self.workers])  # construction errors (unknown reward names) here
+        self.start_s = time.perf_counter() - t0
 
     def score(self, samples: list[Sample]) -> list[RewardResult]:
         slices = split_evenly(len(samples), len(self.workers))

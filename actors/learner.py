@@ -64,6 +64,14 @@ from cascade_rl.algos.mpo import RewardShift, compute_mpo_loss, parse_mpo_terms
 from cascade_rl.algos.policy_loss import compute_policy_loss
 from cascade_rl.types import PairBatch, SequenceBatch
 
+from .attention import (
+    VARLEN_ATTENTION,
+    auto_micro_batch_tokens,
+    free_device_bytes,
+    packed_attention_kwargs,
+    register_varlen_attention,
+    varlen_available,
+)
 from .faults import is_memory_text, learner_oom_message
 from .learner_batches import (
     ImageInputs,
@@ -89,7 +97,7 @@ from .learner_batches import (
 LOGPROB_CHUNK_TOKENS = 1024  # rows of the LM head per chunk: a float32 (1024 × 151,936) buffer is 622 MB
 DEFAULT_SYNC_BUCKET_BYTES = 256 << 20
 COMPLETE = "COMPLETE"  # marker file written last into a finished learner checkpoint
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # cost Σ len² on packed rows
+PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", VARLEN_ATTENTION)  # Σ len² cost
 
 
 @dataclass
@@ -106,11 +114,12 @@ class LearnerSpec:
     total_steps: int = 1
     grad_clip: float = 1.0  # <= 0 disables clipping
     micro_batch_tokens: int = 4096
+    auto_micro_batch_tokens: bool = False  # GPU: raise the budget to what free memory holds (attention.py)
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False
     seed: int = 0
     is_vlm: bool = False
-    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
+    attn_implementation: str = "auto"  # auto: varlen (actors/attention.py) on CUDA, else sdpa; or an HF name
     packing: str = "auto"  # auto: packed rows with varlen attention (flash / flex), else padded | packed | padded
 
 
@@ -134,6 +143,7 @@ class LearnerWorker:
         self._images = ImageInputs(spec.model_path, self.model.config) if spec.is_vlm else None
         self._sync_names: dict[str, str] | None = None
         self.packing_check_diff: float | None = None  # log-prob change from a packed neighbour (self-check)
+        self._auto_budget_done = False
         self._packed = self._choose_packing()
 
     # ------------------------------------------------------------------ setup
@@ -196,6 +206,9 @@ class LearnerWorker:
         return model
 
     def _attn_implementation(self) -> str:
+        if self.spec.attn_implementation == "varlen" or (self.spec.attn_implementation == "auto"
+                                                          and varlen_available(self.device)):
+            return register_varlen_attention()
         if self.spec.attn_implementation != "auto":
             return self.spec.attn_implementation
         if self.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
@@ -228,7 +241,7 @@ class LearnerWorker:
         than padded rows of similar lengths), so ``auto`` pads there.
         """
         attn = self.model.config._attn_implementation
-        want = self.spec.packing == "packed" or (self.spec.packing == "auto" and attn in VARLEN_ATTENTION)
+        want = self.spec.packing == "packed" or (self.spec.packing == "auto" and attn in PACKED_ATTENTION)
         if not want:
             return False
         ok = self._packing_isolates_sequences()
@@ -266,14 +279,22 @@ class LearnerWorker:
     @torch.no_grad()
     def compute_logprobs(self, batch: SequenceBatch) -> list[list[float]]:
         """Log-probs of each response token under the current policy (one list per sequence)."""
-        out: list[list[float] | None] = [None] * len(batch)
+        out: list[list[float]] = [[] for _ in range(len(batch))]
         self.engine.module.eval()
+        units: list[int] = []
+        parts: list[Tensor] = []  # kept on the device: one copy to the host at the end, none per micro-batch
+        lengths: list[int] = []
         for mb in self._micro_batches(sequence_units(batch), images=batch.images):
             with self._oom_guard(mb, "compute_logprobs"):
                 lps, _, _ = self._forward(mb, need_vision=self.spec.zero_stage == 3)
             for u, lp in zip(mb.units, lps, strict=False):
+                units.append(u)
+                parts.append(lp)
+                lengths.append(lp.numel())
+        if parts:
+            for u, lp in zip(units, torch.cat(parts).cpu().split(lengths), strict=True):
                 out[u] = lp.tolist()
-        return [x if x is not None else [] for x in out]
+        return out
 
     @torch.no_grad()
     def compute_pair_logps(self, batch: PairBatch) -> tuple[list[float], list[float]]:
@@ -303,20 +324,22 @@ class LearnerWorker:
                     self._backward(sum(lp.sum() for lp in lps) * 0.0 + aux)
                     continue
                 logprobs, mask = pad_rows(lps)  # (B, T)
-                old, _ = pad_rows([torch.tensor(batch.old_logprobs[u], dtype=torch.float32, device=self.device)
-                                   for u in mb.units])  # (B, T)
-                adv = torch.tensor([batch.advantages[u] for u in mb.units], dtype=torch.float32,
-                                   device=self.device)  # (B,)
+                old_cpu, _ = pad_rows([torch.tensor(batch.old_logprobs[u], dtype=torch.float32)
+                                       for u in mb.units])  # (B, T), built on the host
+                old = self._to_device(old_cpu)
+                adv = self._to_device(torch.tensor([batch.advantages[u] for u in mb.units],
+                                                   dtype=torch.float32))  # (B,)
                 value, metrics = compute_policy_loss(
                     loss, logprobs, old, adv, mask, clip_low=clip_low, clip_high=clip_high,
                     num_global_seqs=num_global_seqs, num_global_tokens=num_global_tokens)
                 self._backward(value + aux)
-            num_tokens = int(mask.sum())
-            acc.add_sum("loss", float(value.detach()))
+            # metrics stay 0-d device tensors (MetricAccumulator reads them once per step): no host sync here
+            num_tokens = sum(mb.response_lengths)
+            acc.add_sum("loss", value.detach())
             for name, v in metrics.items():
                 by_tokens = loss == "grpo" or name == "approx_kl" or (loss == "gspo_token" and "clip" in name)
-                acc.add(name, float(v), num_tokens if by_tokens else mb.num_seqs)
-            acc.add("entropy", float(torch.cat(ents).sum()) / max(num_tokens, 1), num_tokens)
+                acc.add(name, v, num_tokens if by_tokens else mb.num_seqs)
+            acc.add("entropy", torch.cat(ents).sum() / max(num_tokens, 1), num_tokens)
             acc.add_sum("num_tokens", float(mb.num_tokens))
         return self._finish_step(acc, t0)
 
@@ -489,6 +512,13 @@ class LearnerWorker:
 
     def _training_micro_batches(self, units: list[list[tuple[list[int], list[int]]]],
                                 images: list[list[str]] | None, where: str) -> list[MicroBatch]:
+        if self.spec.auto_micro_batch_tokens and self.device.type == "cuda" and not self._auto_budget_done:
+            # measured at the first training step, when a colocated engine sleeps as it will in every step
+            self._auto_budget_done = True
+            self.spec.micro_batch_tokens = auto_micro_batch_tokens(
+                self.model.config, free_bytes=free_device_bytes(self.device), floor=self.spec.micro_batch_tokens,
+                dtype_bytes=2 if self.spec.dtype == "bfloat16" else 4,
+                gradient_checkpointing=self.spec.gradient_checkpointing)
         micro_batches = self._micro_batches(units, images=images)
         if not micro_batches:  # the count is a max over ranks, so every rank raises together
             raise ValueError(f"{where} got an empty batch on every learner rank; an optimizer step needs data")
@@ -502,10 +532,12 @@ class LearnerWorker:
         backward touches the same parameters (ZeRO reduces per pass) and ZeRO-3 gathers stay in step.
         """
         dev = self.device
-        kwargs: dict[str, Any] = {"input_ids": mb.input_ids.to(dev), "position_ids": mb.position_ids.to(dev),
-                                  "use_cache": False}
+        kwargs: dict[str, Any] = {"input_ids": self._to_device(mb.input_ids),
+                                  "position_ids": self._to_device(mb.position_ids), "use_cache": False}
         if mb.attention_mask is not None:
-            kwargs["attention_mask"] = mb.attention_mask.to(dev)
+            kwargs["attention_mask"] = self._to_device(mb.attention_mask)
+        elif self.model.config._attn_implementation == VARLEN_ATTENTION:  # boundaries from the host's packing
+            kwargs.update(packed_attention_kwargs(mb.position_ids, dev))
         aux = torch.zeros((), device=dev)
         if self.spec.is_vlm:
             if mb.images:
@@ -514,7 +546,7 @@ class LearnerWorker:
                 dummy = self._images.dummy_pixel_values().to(dev, self.model.dtype)
                 feats = self.model.get_image_features(pixel_values=dummy).pooler_output
                 aux = feats.float().sum() * 0.0
-        pos, tgt = mb.target_positions.to(dev), mb.targets.to(dev)
+        pos, tgt = self._to_device(mb.target_positions), self._to_device(mb.targets)
         if self._hidden_path:
             hidden = self.model.base_model(**kwargs).last_hidden_state  # (R, L, H)
             h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)  # (N, H)
@@ -528,6 +560,13 @@ class LearnerWorker:
         lp, ent = res if want_entropy else (res, None)
         lps = split_by_lengths(lp, mb.response_lengths)
         return lps, (split_by_lengths(ent.detach(), mb.response_lengths) if ent is not None else []), aux
+
+    def _to_device(self, t: Tensor) -> Tensor:
+        """A host tensor on this rank's device; on CUDA through pinned memory, so the host does not wait for the
+        GPU's queue (a pageable copy would)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _backward(self, loss: Tensor) -> None:
         # DeepSpeed averages gradients over ranks; the loss is already normalised by global counts

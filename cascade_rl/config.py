@@ -95,6 +95,11 @@ class LearnerConfig:
     lr_schedule: Literal["constant", "cosine"] = doc("constant", "learning-rate schedule after warm-up")
     grad_clip: float = doc(1.0, "gradient norm clip")
     micro_batch_tokens: int = doc(4096, "token budget of one packed micro-batch")
+    auto_micro_batch_tokens: bool = doc(False, "GPU: at the first training step raise the micro-batch budget to "
+                                               "what free GPU memory holds (micro_batch_tokens is the floor)")
+    attention: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = doc(
+        "auto", "learner attention: auto = varlen on CUDA (packed rows, torch's FlashAttention varlen kernel), "
+                "else sdpa (padded rows)")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
     offload_optimizer: bool = doc(False, "ZeRO optimizer state offload to CPU")
 

@@ -39,7 +39,11 @@ def is_vlm_model(model_path: str) -> bool:
     return "vision_config" in config
 
 
-def build_groups(cfg: RecipeConfig, model_path: str):
+def build_groups(cfg: RecipeConfig, model_path: str, *, overlap_start: bool = True, ignore_eos: bool = False):
+    """Learner, rollout and reward groups from the recipe. ``overlap_start``: all groups start at once (each
+    group's ``start_s`` says how long it took); where learner rank i and vLLM worker i share a GPU, the vLLM
+    engines start once the learners hold their memory, since vLLM sizes its KV cache from the memory it sees free
+    while profiling. ``ignore_eos`` (benchmarks only): every response is ``model.max_response_tokens`` long."""
     from ..actors.group import (
         LearnerGroup,
         LearnerSpec,
@@ -56,17 +60,22 @@ def build_groups(cfg: RecipeConfig, model_path: str):
         max_prompt_tokens=m.max_prompt_tokens, temperature=r.temperature, top_p=r.top_p, seed=cfg.seed,
         gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gib=r.kv_cache_gib,
         enforce_eager=r.enforce_eager, is_vlm=vlm, enable_sleep=r.sleep_when_idle,
-        behaviour_logprobs=r.behaviour_logprobs)
+        behaviour_logprobs=r.behaviour_logprobs, ignore_eos=ignore_eos)
     learner_spec = LearnerSpec(
         model_path=model_path, dtype=m.dtype, zero_stage=lr.zero_stage, lr=lr.lr, weight_decay=lr.weight_decay,
         warmup_steps=lr.warmup_steps, lr_schedule=lr.lr_schedule, total_steps=1, grad_clip=lr.grad_clip,
         micro_batch_tokens=lr.micro_batch_tokens, gradient_checkpointing=lr.gradient_checkpointing,
-        offload_optimizer=lr.offload_optimizer, seed=cfg.seed, is_vlm=vlm)
+        offload_optimizer=lr.offload_optimizer, seed=cfg.seed, is_vlm=vlm, attn_implementation=lr.attention,
+        auto_micro_batch_tokens=lr.auto_micro_batch_tokens)
     placement = make_placement(r.placement, num_learner_ranks=lr.num_ranks, num_gpus_per_rank=lr.num_gpus_per_rank,
                                num_rollout_workers=r.num_workers, num_gpus_per_worker=r.num_gpus_per_worker)
-    learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank, placement=placement.learner)
-    rollout = RolloutGroup(rollout_spec, r.num_workers, r.num_gpus_per_worker, placement=placement.rollout)
+    learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank, placement=placement.learner,
+                            wait=not overlap_start)
+    rollout = RolloutGroup(rollout_spec, r.num_workers, r.num_gpus_per_worker, placement=placement.rollout,
+                           defer_engines=overlap_start and placement.rollout.shared_gpu)
     terms = [(t.name, t.weight, dict(t.kwargs)) for t in cfg.reward.terms]
     rewards = RewardGroup(terms, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
                           correct_threshold=cfg.reward.correct_threshold)
+    learners.wait_ready()
+    rollout.start_engines()  # no-op unless deferred
     return learners, rollout, rewards, vlm  # placement groups go with the job

@@ -1,0 +1,117 @@
+"""The varlen attention of ``actors/attention.py`` on the CPU: a packed row equals each sequence alone, and a learner
+using it on packed micro-batches gives the log-probs, loss, gradient norm and update of padded sdpa rows.
+
+On CUDA the same function runs torch's FlashAttention varlen kernel (``bench/bench_step.py`` measures it); here
+the segment-wise SDPA reference runs, which is what the learner-level test checks end to end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cascade_rl.actors.attention import (
+    VARLEN_ATTENTION,
+    cu_seqlens_from_positions,
+    packed_attention_kwargs,
+    varlen_attention_forward,
+)
+
+
+def _alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Each sequence through causal SDPA by itself, GQA by repeating key/value heads: (1, total, Hq, D)."""
+    outs, start = [], 0
+    rep = q.shape[1] // k.shape[1]
+    for n in lengths:
+        sl = slice(start, start + n)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, sl], k[:, :, sl].repeat_interleave(rep, 1), v[:, :, sl].repeat_interleave(rep, 1),
+            is_causal=True)  # (1, Hq, n, D)
+        outs.append(o.transpose(1, 2))
+        start += n
+    return torch.cat(outs, dim=1)
+
+
+def test_cu_seqlens_from_packed_positions() -> None:
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])  # lengths 3, 2, 4
+    assert cu_seqlens_from_positions(positions).tolist() == [0, 3, 5, 9]
+    kw = packed_attention_kwargs(positions, torch.device("cpu"))
+    assert kw["cu_seq_lens_q"].dtype == torch.int32 and kw["max_length_q"] == 4 == kw["max_length_k"]
+
+
+def test_packed_row_equals_each_sequence_alone_and_ignores_its_neighbours() -> None:
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 3, 7]
+    q, k, v = (torch.randn(1, h, sum(lengths), 16, generator=g) for h in (4, 2, 2))  # GQA: 4 query, 2 kv heads
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    kw = packed_attention_kwargs(positions, torch.device("cpu"))
+    out, _ = varlen_attention_forward(torch.nn.Module(), q, k, v, None, **kw)  # (1, total, Hq, D)
+    torch.testing.assert_close(out, _alone(q, k, v, lengths), atol=1e-6, rtol=0)
+    # boundaries derived from position_ids when the caller passes none give the same result
+    derived, _ = varlen_attention_forward(torch.nn.Module(), q, k, v, None, position_ids=positions)
+    torch.testing.assert_close(derived, out, atol=0, rtol=0)
+    # changing the last sequence's keys leaves the first two sequences' outputs exactly as they were
+    k2 = k.clone()
+    k2[:, :, 8:] += 5.0
+    moved, _ = varlen_attention_forward(torch.nn.Module(), q, k2, v, None, **kw)
+    assert torch.equal(moved[:, :8], out[:, :8]) and not torch.allclose(moved[:, 8:], out[:, 8:])
+
+
+def test_sliding_window_is_refused_naming_the_key() -> None:
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(NotImplementedError, match="learner.attention=sdpa"):
+        varlen_attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=2)
+
+
+@pytest.mark.slow  # two DeepSpeed workers on the tiny LM (a few seconds each)
+def test_learner_packed_varlen_equals_padded_sdpa_logprobs_and_update(tiny_lm: Path) -> None:
+    from test_learner import make_worker, random_batch, weights, with_old_logprobs
+
+    batch = random_batch(seed=3)
+    runs = []
+    for attention in ("varlen", "sdpa"):
+        w = make_worker(str(tiny_lm), attn_implementation=attention, micro_batch_tokens=64)
+        assert w._packed == (attention == "varlen")  # varlen: packed rows (self-check passed); sdpa: padded
+        if attention == "varlen":
+            assert w.model.config._attn_implementation == VARLEN_ATTENTION and w.packing_check_diff == 0.0
+        lps = w.compute_logprobs(batch)
+        with_old_logprobs(batch, lps)
+        m = w.train_policy(batch, loss="gspo", clip_low=0.2, clip_high=0.2, num_global_seqs=len(batch),
+                           num_global_tokens=sum(map(len, batch.response_token_ids)))
+        runs.append((lps, m, weights(w)))
+    (lp1, m1, w1), (lp2, m2, w2) = runs
+    for a, b in zip(lp1, lp2, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)  # the gradients themselves agree
+    assert m1["entropy"] == pytest.approx(m2["entropy"], rel=1e-5)
+    for n in w1:
+        torch.testing.assert_close(w1[n], w2[n], atol=1e-4, rtol=0)
+
+
+def test_auto_micro_batch_budget_arithmetic() -> None:
+    from transformers import Qwen3Config
+
+    from cascade_rl.actors.attention import (
+        AUTO_BUDGET_RESERVE_BYTES,
+        activation_bytes_per_token,
+        auto_micro_batch_tokens,
+    )
+
+    # Qwen3-0.6B shape: h 1024, q 16·128 = 2048, kv 8·128 = 1024, I 3072, 28 layers
+    cfg = Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                      num_key_value_heads=8, head_dim=128)
+    per_layer = 6 * 1024 + 2048 + 2 * 1024 + 4 * 3072  # 22,528 values
+    full = activation_bytes_per_token(cfg, dtype_bytes=2, gradient_checkpointing=False)
+    assert full == (28 * per_layer + 2 * 1024) * 2  # 1,265,664 B ≈ 1.2 MiB per token
+    ckpt = activation_bytes_per_token(cfg, dtype_bytes=2, gradient_checkpointing=True)
+    assert ckpt == (28 * 1024 + per_layer + 2 * 1024) * 2
+    # 40 GiB free: (40 − 6) GiB / 1,265,664 B = 28,844 tokens → 28,672 (a multiple of 1,024)
+    got = auto_micro_batch_tokens(cfg, free_bytes=40 << 30, floor=4096, dtype_bytes=2, gradient_checkpointing=False)
+    assert got == ((40 << 30) - AUTO_BUDGET_RESERVE_BYTES) // full // 1024 * 1024 == 28_672
+    # never below the recipe's floor, never above the cap
+    assert auto_micro_batch_tokens(cfg, free_bytes=1 << 30, floor=4096, dtype_bytes=2,
+                                   gradient_checkpointing=False) == 4096
+    assert auto_micro_batch_tokens(cfg, free_bytes=1 << 40, floor=4096, dtype_bytes=2,
+                                   gradient_checkpointing=True) == 65_536

@@ -416,6 +416,10 @@ class RolloutGroup:
         self._learners: LearnerGroup | None = None
         self._nccl_ready = False
         self._ipc_pairs: bool | None = None  # colocated: does every worker share its GPU with learner rank i?
+        # CUDA IPC: "persistent" (flat buffers shared once, weights copied in per sync) or "buckets" (a buffer
+        # and a handle per bucket, per sync: less GPU memory, more calls)
+        self.ipc_mode = "persistent"
+        self._ipc_mapped: set[int] = set()  # workers that mapped the learners' persistent buffers
         self.last_sync_path = ""  # "nccl" | "ipc" | "object_store"
         # bytes and per-side seconds of the last NCCL / IPC sync: learner side ("broadcast_s": pack + send until
         # the last bucket is taken) and rollout side ("receive_s"; IPC: the final reload step only)
@@ -505,6 +509,9 @@ class RolloutGroup:
         return self._ipc_pairs
 
     def _sync_ipc(self, learners: LearnerGroup, version: int, bucket_mb: int) -> None:
+        if self.ipc_mode == "persistent":
+            self._sync_ipc_persistent(learners, version, bucket_mb)
+            return
         ray.get([w.begin_shared_load.remote() for w in self.workers])
         paired = [self.workers[i] if i < len(self.workers) else None for i in range(len(learners.workers))]
         sent = ray.get([rank.share_weights.remote(w, bucket_mb) for rank, w in zip(learners.workers, paired,
@@ -513,6 +520,18 @@ class RolloutGroup:
         ray.get([w.end_shared_load.remote(version) for w in self.workers])
         self.last_sync_sides = {"sync_bytes": sent[0]["sync_bytes"],
                                 "broadcast_s": max(s["sync_s"] for s in sent), "receive_s": time.perf_counter() - t0}
+
+    def _sync_ipc_persistent(self, learners: LearnerGroup, version: int, bucket_mb: int) -> None:
+        """Each paired learner rank copies its weights into its persistent buffers; each worker reloads from them
+        (mapping them at its first sync): two calls in all, whatever the number of buckets."""
+        staged = ray.get([rank.stage_weights_ipc.remote(i < len(self.workers), bucket_mb)
+                          for i, rank in enumerate(learners.workers)])
+        t0 = time.perf_counter()
+        ray.get([w.load_persistent.remote(None if i in self._ipc_mapped else staged[i]["buffers"], version)
+                 for i, w in enumerate(self.workers)])
+        self._ipc_mapped = set(range(len(self.workers)))
+        self.last_sync_sides = {"sync_bytes": staged[0]["sync_bytes"],
+                                "broadcast_s": max(s["sync_s"] for s in staged), "receive_s": time.perf_counter() - t0}
 
     def _sync_nccl(self, learners: LearnerGroup, version: int, bucket_mb: int) -> None:
         if not self._nccl_ready:
@@ -534,6 +553,7 @@ class RolloutGroup:
         """Replace worker ``i`` (dead or alive) and bring it to the current policy version."""
         ray.kill(self.workers[i], no_restart=True)
         self.workers[i] = self._spawn(i)
+        self._ipc_mapped.discard(i)  # a new process must map the persistent buffers again
         self.num_restarts += 1
         ray.get(self.workers[i].get_policy_version.remote())
         if self.version == 0:

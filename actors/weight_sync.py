@@ -150,6 +150,40 @@ def unflatten_bucket(meta: BucketMeta, flat: Any) -> list[tuple[str, Any]]:
     return out
 
 
+class PersistentBuffers:
+    """Every weight of one learner rank in one flat uint8 GPU buffer per dtype, laid out once (``bucket_layout``)
+    and reused by every sync: a sync copies the weights in (``torch._foreach_copy_``) and the colocated engine,
+    which mapped the buffers once through CUDA IPC, reads them. Costs one extra copy of the weights in GPU
+    memory; buys a sync with no allocation, no per-bucket handle and one wait in all."""
+
+    def __init__(self, layout: list[tuple[str, str, tuple[int, ...]]], device: Any) -> None:
+        import torch
+
+        by_dtype: dict[str, BucketMeta] = {}
+        for name, dtype, shape in layout:
+            by_dtype.setdefault(dtype, []).append((name, dtype, shape))
+        self.metas = list(by_dtype.values())
+        self.flats = [torch.empty(bucket_layout(m)[1], dtype=torch.uint8, device=device) for m in self.metas]
+        self.views = {n: t for m, f in zip(self.metas, self.flats, strict=True) for n, t in unflatten_bucket(m, f)}
+        self.nbytes = sum(int(f.numel()) for f in self.flats)
+        self._handles: list[tuple[BucketMeta, bytes]] | None = None
+
+    def copy_in(self, bucket: list[tuple[str, Any]]) -> None:
+        import torch
+
+        missing = [n for n, _ in bucket if n not in self.views]
+        if missing:
+            raise RuntimeError(f"CUDA IPC weight sync: weights {missing[:3]} are not in the persistent buffers "
+                               "laid out at the first sync (the model's parameters changed)")
+        torch._foreach_copy_([self.views[n] for n, _ in bucket], [t.detach() for _, t in bucket])
+
+    def handles(self) -> list[tuple[BucketMeta, bytes]]:
+        """``(meta, share_bucket payload)`` per buffer, made once."""
+        if self._handles is None:
+            self._handles = [(m, share_bucket(f)) for m, f in zip(self.metas, self.flats, strict=True)]
+        return self._handles
+
+
 def gpu_uuid(device: Any) -> str:
     """The physical GPU's UUID (the same in every process, whatever its ``CUDA_VISIBLE_DEVICES``)."""
     import torch
@@ -269,6 +303,7 @@ class WeightSyncExtension:
 
         rank = rank_offset + get_world_group().rank
         self._cascade_sync = init_nccl_group(master_addr, master_port, rank, world_size, self.device)
+        self._cascade_layout: list[BucketMeta] | None = None  # the bucket metadata, sent by the learner once
 
     def cascade_receive_weights(self) -> int:
         import torch
@@ -276,9 +311,19 @@ class WeightSyncExtension:
         pg, comm = self._cascade_sync
         count = 0
 
+        def metas() -> Iterator[BucketMeta]:
+            if self._cascade_layout is not None:  # every later sync: buffers only, same layout
+                yield from self._cascade_layout
+                return
+            layout = []
+            while (meta := pg.broadcast_obj(None, src=0)) is not None:
+                layout.append(meta)
+                yield meta
+            self._cascade_layout = layout
+
         def stream() -> Iterator[tuple[str, Any]]:
             nonlocal count
-            while (meta := pg.broadcast_obj(None, src=0)) is not None:
+            for meta in metas():
                 flat = torch.empty(bucket_layout(meta)[1], dtype=torch.uint8, device=self.device)
                 comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
                 count += len(meta)
@@ -305,6 +350,29 @@ class WeightSyncExtension:
         torch.cuda.synchronize()  # every copy out of the learner's buffer is done before the learner frees it
         del flat
         return len(meta)
+
+    def cascade_load_persistent(self, buffers: list[tuple[BucketMeta, bytes]] | None) -> int:
+        """Reload every weight from the learner's persistent buffers (``PersistentBuffers``): ``buffers`` maps
+        them (first sync, or after this process restarted); ``None`` reuses the mapping of an earlier call."""
+        import torch
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+
+        if buffers is not None:
+            self._cascade_persistent = [pair for meta, payload in buffers
+                                        for pair in unflatten_bucket(meta, open_shared_bucket(payload, self.device))]
+        views = getattr(self, "_cascade_persistent", None)
+        if views is None:
+            raise RuntimeError("CUDA IPC weight sync: no persistent buffers mapped in this vLLM worker yet")
+        model, model_config = _model_and_config(self)
+        _quiet_reload_logger()
+        initialize_layerwise_reload(model)
+        model.load_weights(with_tied_head(iter(views), _tied(self)))
+        finalize_layerwise_reload(model, model_config)
+        torch.cuda.synchronize()  # the learner may overwrite the buffers once this returns
+        return len(views)
 
     def cascade_end_shared_load(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
@@ -358,9 +426,36 @@ class WeightSender:
         torch.cuda.ipc_collect()  # free buffers whose last receiver let go only now
         return {"sync_bytes": float(total), "sync_s": time.perf_counter() - t0}
 
+    def stage_weights_ipc(self, paired: bool, bucket_mb: int = DEFAULT_BUCKET_MB) -> dict[str, Any]:
+        """CUDA IPC path, persistent buffers: copy this rank's weights into one flat buffer per dtype (allocated at
+        the first call, then reused), wait for the copies, and return the buffers' ``(meta, IPC handle)`` list
+        (a paired worker maps them once) with ``{"sync_bytes", "sync_s"}``. Every rank iterates its weights
+        (ZeRO-3 gathers are collective); an unpaired rank copies nothing."""
+        import torch
+
+        t0 = time.perf_counter()
+        buffers = getattr(self, "_ipc_buffers", None)
+        for bucket in self.named_weights_for_sync(bucket_mb << 20, device=self.device, all_ranks=True):
+            if not paired or not bucket:
+                continue
+            if buffers is None:
+                buffers = self._ipc_buffers = PersistentBuffers(self._ipc_layout(bucket_mb), self.device)
+            buffers.copy_in(bucket)
+        if buffers is None:
+            return {"buffers": [], "sync_bytes": 0.0, "sync_s": time.perf_counter() - t0}
+        torch.cuda.current_stream().synchronize()  # the one wait: the engine reads these bytes next
+        return {"buffers": buffers.handles(), "sync_bytes": float(buffers.nbytes), "sync_s": time.perf_counter() - t0}
+
+    def _ipc_layout(self, bucket_mb: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(checkpoint name, dtype, full shape) of every weight, in sync order (no data is touched)."""
+        return [(n, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+                for bucket in self.named_weights_for_sync(bucket_mb << 20, device="meta", all_ranks=True)
+                for n, t in bucket]
+
     def init_weight_sync(self, master_addr: str, master_port: int, world_size: int) -> None:
         """NCCL path, rank 0 only: join the sync group as its rank 0."""
         self._cascade_sync = init_nccl_group(master_addr, master_port, 0, world_size, self.device)
+        self._cascade_layout: list[BucketMeta] | None = None  # sent with the group's first sync only
 
     def broadcast_weights(self, bucket_mb: int = DEFAULT_BUCKET_MB) -> dict[str, float]:
         """NCCL path: every rank iterates its weights (ZeRO-3 gathers); rank 0 broadcasts them bucket by bucket.
@@ -371,14 +466,26 @@ class WeightSender:
         sender = getattr(self, "_cascade_sync", None) if self.rank == 0 else None
         if self.rank == 0 and sender is None:
             raise RuntimeError("broadcast_weights before init_weight_sync: the rollout side would wait forever")
+        layout = getattr(self, "_cascade_layout", None)
+        first = layout is None
+        sent: list[BucketMeta] = []
         for bucket in self.named_weights_for_sync(bucket_mb << 20, device=self.device):
             if sender is None or not bucket:
                 continue
             meta, flat = flatten_bucket(bucket)
-            sender[0].broadcast_obj(meta, src=0)
+            if first:  # metadata goes over the TCP store once per group; later syncs send buffers only
+                sender[0].broadcast_obj(meta, src=0)
+            elif len(sent) >= len(layout) or meta != layout[len(sent)]:
+                raise RuntimeError("NCCL weight sync: the weights' bucket layout changed since the first sync "
+                                   "(another bucket_mb, or other parameters); the receivers expect the first one")
+            sent.append(meta)
             sender[1].broadcast(flat, src=0, stream=torch.cuda.current_stream())
             total += flat.numel()
         if sender is not None:
-            sender[0].broadcast_obj(None, src=0)
+            if first:
+                sender[0].broadcast_obj(None, src=0)
+                self._cascade_layout = sent
+            elif len(sent) != len(layout):
+                raise RuntimeError(f"NCCL weight sync: {len(sent)} buckets, the first sync sent {len(layout)}")
             torch.cuda.synchronize()
         return {"sync_bytes": float(total), "sync_s": time.perf_counter() - t0}

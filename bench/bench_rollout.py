@@ -82,8 +82,9 @@ def ensure_project_importable() -> None:
 ensure_project_importable()
 
 
-def build_qwen3_shape(out: Path, num_layers: int | None = None) -> Path:
-    """A random Qwen3-0.6B-shaped model (bf16) with a word-level tokenizer; reused when ``out`` has one."""
+def build_qwen3_shape(out: Path, num_layers: int | None = None, shape: dict[str, Any] | None = None) -> Path:
+    """A random Qwen3-0.6B-shaped model (bf16; ``shape``: other Qwen3 config numbers) with a word-level tokenizer;
+    reused when ``out`` has one."""
     if (out / "config.json").is_file():
         return out
     import torch
@@ -97,7 +98,7 @@ def build_qwen3_shape(out: Path, num_layers: int | None = None) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", additional_special_tokens=SPECIALS[:3],
                                    chat_template=CHAT_TEMPLATE, model_max_length=40_960)
-    shape = {**QWEN3_06B, **({"num_hidden_layers": num_layers} if num_layers else {})}
+    shape = {**QWEN3_06B, **(shape or {}), **({"num_hidden_layers": num_layers} if num_layers else {})}
     config = Qwen3Config(**shape, eos_token_id=2, pad_token_id=0, bos_token_id=None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

@@ -221,6 +221,24 @@ def _learner_actor() -> Any:
                 return {"attention": self.model.config._attn_implementation, "packed": self._packed,
                         "micro_batch_tokens": self.spec.micro_batch_tokens}
 
+            def profile_train_policy(self, batch: SequenceBatch, **kwargs: Any) -> dict[str, Any]:
+                """One ``train_policy`` step (a real update) under torch.profiler: its metrics and the top
+                operators by self time on the device (CPU on a CPU learner), as a table."""
+                from torch.profiler import ProfilerActivity, profile
+
+                cuda = str(self.device).startswith("cuda")
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                with profile(activities=activities) as prof:
+                    metrics = self.train_policy(batch, **kwargs)
+                averages = prof.key_averages()
+                for key in (("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)):
+                    try:
+                        table = averages.table(sort_by=key, row_limit=30)
+                        break
+                    except (AttributeError, KeyError, ValueError):
+                        table = ""
+                return {"metrics": metrics, "table": table}
+
         _LEARNER_ACTOR = ray.remote(LearnerActor)
     return _LEARNER_ACTOR
 

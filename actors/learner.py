@@ -115,6 +115,7 @@ class LearnerSpec:
     grad_clip: float = 1.0  # <= 0 disables clipping
     micro_batch_tokens: int = 4096
     auto_micro_batch_tokens: bool = False  # GPU: raise the budget to what free memory holds (attention.py)
+    shared_gpu_reserve_fraction: float = 0.0  # share of the GPU a colocated engine takes back when it wakes
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False
     seed: int = 0
@@ -514,11 +515,15 @@ class LearnerWorker:
                                 images: list[list[str]] | None, where: str) -> list[MicroBatch]:
         if self.spec.auto_micro_batch_tokens and self.device.type == "cuda" and not self._auto_budget_done:
             # measured at the first training step, when a colocated engine sleeps as it will in every step
+            # the caching allocator keeps what it once held: leave a waking engine its share and the sync buffers
             self._auto_budget_done = True
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
             self.spec.micro_batch_tokens = auto_micro_batch_tokens(
                 self.model.config, free_bytes=free_device_bytes(self.device), floor=self.spec.micro_batch_tokens,
                 dtype_bytes=2 if self.spec.dtype == "bfloat16" else 4,
-                gradient_checkpointing=self.spec.gradient_checkpointing)
+                gradient_checkpointing=self.spec.gradient_checkpointing,
+                reserve_bytes=int(self.spec.shared_gpu_reserve_fraction * total) + weight_bytes)
         micro_batches = self._micro_batches(units, images=images)
         if not micro_batches:  # the count is a max over ranks, so every rank raises together
             raise ValueError(f"{where} got an empty batch on every learner rank; an optimizer step needs data")

@@ -12,9 +12,10 @@ Three paths, chosen by ``RolloutGroup.sync_from``:
 - **NCCL** (GPU, learner and vLLM on different GPUs; vLLM's RLHF example pattern). One group: rank 0 is learner
   rank 0, ranks ``1..`` the vLLM worker processes (``rank_offset`` + vLLM rank), made with vLLM's
   ``StatelessProcessGroup`` + ``PyNcclCommunicator`` so it does not touch either side's default process group.
-  The learner packs ≤ ``bucket_mb`` of parameters into one flat uint8 buffer per bucket, sends the bucket's
-  ``(name, dtype, shape)`` list over the group's TCP store (``broadcast_obj``) and the buffer with an NCCL
-  broadcast; ``None`` ends the stream. Receivers unflatten views and feed a lazy iterator to ``reload_weights``,
+  The learner packs ≤ ``bucket_mb`` of parameters into one flat uint8 buffer per bucket and sends it with an
+  NCCL broadcast. Each sync starts with one small header (the bucket size) over the group's TCP store
+  (``broadcast_obj``); only the first sync of a group with that bucket size also sends each bucket's
+  ``(name, dtype, shape)`` list (``None`` ends it), which both sides keep for the later syncs. Receivers unflatten views and feed a lazy iterator to ``reload_weights``,
   so a bucket is freed once loaded and peak extra memory is one bucket.
 - **CUDA IPC** (GPU, colocated: learner rank i and vLLM worker i share GPU i, where NCCL refuses two ranks on one
   device). Every learner rank paired with a worker flattens each bucket as above and hands its worker a CUDA IPC
@@ -22,7 +23,10 @@ Three paths, chosen by ``RolloutGroup.sync_from``:
   vLLM process maps the same memory (``rebuild_cuda_tensor``), loads views of it between vLLM's
   ``initialize_layerwise_reload`` / ``finalize_layerwise_reload`` and synchronises before the learner frees the
   bucket. No bytes leave the GPU; peak extra memory is one bucket. torch's IPC reference counting keeps a
-  buffer alive while the receiver still maps it.
+  buffer alive while the receiver still maps it. That is ``RolloutGroup.ipc_mode="buckets"``; the default
+  ``"persistent"`` keeps one flat buffer per dtype holding every weight on each paired learner rank
+  (``PersistentBuffers``: one extra copy of the weights in GPU memory), which the worker maps once; a sync is then
+  one fused copy into the buffers, one wait, and one reload call on the worker (``cascade_load_persistent``).
 
 ``WeightSyncExtension`` is mixed into vLLM's worker class (``LLM(worker_extension_cls=EXTENSION_QUALNAME)``);
 ``WeightSender`` is mixed into the learner actor by ``group.py``. GPU code here is exercised only by the
@@ -303,23 +307,24 @@ class WeightSyncExtension:
 
         rank = rank_offset + get_world_group().rank
         self._cascade_sync = init_nccl_group(master_addr, master_port, rank, world_size, self.device)
-        self._cascade_layout: list[BucketMeta] | None = None  # the bucket metadata, sent by the learner once
+        self._cascade_layouts: dict[Any, list[BucketMeta]] = {}  # bucket metadata per layout key, sent once
 
     def cascade_receive_weights(self) -> int:
         import torch
 
         pg, comm = self._cascade_sync
         count = 0
+        key = pg.broadcast_obj(None, src=0)  # the learner's layout key (its bucket size)
 
         def metas() -> Iterator[BucketMeta]:
-            if self._cascade_layout is not None:  # every later sync: buffers only, same layout
-                yield from self._cascade_layout
+            if key in self._cascade_layouts:  # a layout seen before: buffers only
+                yield from self._cascade_layouts[key]
                 return
             layout = []
             while (meta := pg.broadcast_obj(None, src=0)) is not None:
                 layout.append(meta)
                 yield meta
-            self._cascade_layout = layout
+            self._cascade_layouts[key] = layout
 
         def stream() -> Iterator[tuple[str, Any]]:
             nonlocal count
@@ -455,7 +460,7 @@ class WeightSender:
     def init_weight_sync(self, master_addr: str, master_port: int, world_size: int) -> None:
         """NCCL path, rank 0 only: join the sync group as its rank 0."""
         self._cascade_sync = init_nccl_group(master_addr, master_port, 0, world_size, self.device)
-        self._cascade_layout: list[BucketMeta] | None = None  # sent with the group's first sync only
+        self._cascade_layouts: dict[Any, list[BucketMeta]] = {}  # per bucket size, sent with its first sync only
 
     def broadcast_weights(self, bucket_mb: int = DEFAULT_BUCKET_MB) -> dict[str, float]:
         """NCCL path: every rank iterates its weights (ZeRO-3 gathers); rank 0 broadcasts them bucket by bucket.
@@ -466,8 +471,11 @@ class WeightSender:
         sender = getattr(self, "_cascade_sync", None) if self.rank == 0 else None
         if self.rank == 0 and sender is None:
             raise RuntimeError("broadcast_weights before init_weight_sync: the rollout side would wait forever")
-        layout = getattr(self, "_cascade_layout", None)
+        layouts = getattr(self, "_cascade_layouts", {})
+        layout = layouts.get(bucket_mb)
         first = layout is None
+        if sender is not None:  # one small header per sync; the bucket metadata only the first time per layout
+            sender[0].broadcast_obj(bucket_mb, src=0)
         sent: list[BucketMeta] = []
         for bucket in self.named_weights_for_sync(bucket_mb << 20, device=self.device):
             if sender is None or not bucket:
@@ -484,7 +492,7 @@ class WeightSender:
         if sender is not None:
             if first:
                 sender[0].broadcast_obj(None, src=0)
-                self._cascade_layout = sent
+                layouts[bucket_mb] = sent
             elif len(sent) != len(layout):
                 raise RuntimeError(f"NCCL weight sync: {len(sent)} buckets, the first sync sent {len(layout)}")
             torch.cuda.synchronize()

@@ -10,9 +10,11 @@ reward, ``ignore_eos`` so every response has ``--response-tokens`` tokens, ``fil
 step trains) is loaded by ``load_recipe``; ``driver._start`` resolves data, opens MLflow, starts Ray and the
 groups; then ``run_gspo`` runs ``--steps`` steps per variant on those same warm groups. Variants (``--variants``)
 switch only what has an old and a new path, on the live learner (``LearnerGroup.configure_speed``):
-- ``baseline``: sdpa attention on right-padded rows, ``--micro-batch-tokens`` fixed (the code before this bench);
+- ``baseline``: sdpa attention on right-padded rows, ``--micro-batch-tokens`` fixed, CUDA IPC sync bucket by bucket
+  (the paths before this bench);
 - ``new``: ``learner.attention=auto`` (varlen on packed rows, ``actors/attention.py``; ``varlen`` on CPU, to run
-  the segment-wise path) and the micro-batch budget picked from free GPU memory.
+  the segment-wise path), the micro-batch budget picked from free GPU memory, CUDA IPC from persistent buffers.
+Not switchable, so in both: no host syncs per micro-batch, NCCL metadata once (the NCCL path is not used here).
 Start-up (``--start sequential`` = the old order: learners, then the vLLM engine; ``overlap``: groups start at
 once, vLLM's engine once the learners hold their memory) is measured once per process, split by component.
 
@@ -59,16 +61,20 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-8b": {**QWEN3_06B, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
                  "num_attention_heads": 32, "tie_word_embeddings": False},
 }
-# vLLM's share of the GPU while it generates (it sleeps while the learner trains)
+# vLLM's share of the GPU while it generates (it sleeps while the learner trains), and the fixed micro-batch
+# budget: on an 80 GB GPU the learner's ~20 B/param of weights + optimizer state, its activations (~1.8 MiB/token
+# at 0.6B, ~3.4 at 1.7B) and vLLM's share once it wakes must fit together
 GPU_MEMORY_UTILIZATION = {"qwen3-0.6b": 0.3, "qwen3-1.7b": 0.25, "qwen3-8b": 0.3}
+MICRO_BATCH_TOKENS = {"qwen3-0.6b": 16384, "qwen3-1.7b": 4096, "qwen3-8b": 4096}
 
 
 def variant_settings(name: str, cuda: bool, micro_batch_tokens: int) -> dict[str, Any]:
     if name == "baseline":
-        return {"attention": "sdpa", "micro_batch_tokens": micro_batch_tokens, "auto_micro_batch_tokens": False}
+        return {"attention": "sdpa", "micro_batch_tokens": micro_batch_tokens, "auto_micro_batch_tokens": False,
+                "ipc_mode": "buckets"}
     if name == "new":
         return {"attention": "auto" if cuda else "varlen", "micro_batch_tokens": micro_batch_tokens,
-                "auto_micro_batch_tokens": cuda}
+                "auto_micro_batch_tokens": cuda, "ipc_mode": "persistent"}
     raise SystemExit(f"--variants: unknown variant {name!r} (baseline, new)")
 
 
@@ -81,6 +87,7 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, float, float, dict[str, Any]]] = []
         self.step_ends: list[tuple[float, dict[str, float]]] = []
+        self.last_update: tuple[tuple, dict[str, Any]] | None = None  # the last train_policy call's arguments
 
     def add(self, phase: str, t0: float, info: dict[str, Any] | None = None) -> None:
         self.events.append((phase, t0, time.perf_counter(), info or {}))
@@ -104,6 +111,8 @@ class Timed:
             if name == "submit":  # generation finishes when its waiter returns
                 return lambda: self._finish(phase, t0, out())
             self._rec.add(phase, t0, self._info(name, args, out) if self._info else None)
+            if name == "train_policy":
+                self._rec.last_update = (args, kwargs)
             return out
 
         return call
@@ -152,8 +161,15 @@ class GpuSampler:
         return [s for s in self.samples if t0 <= s[0] <= t1]
 
 
-def gpu_device_info() -> dict[str, Any]:
-    import pynvml
+def device_info(cuda: bool) -> dict[str, Any]:
+    if not cuda:
+        return {"device": "cpu", "device_name": os.uname().machine, "gpu_count": 0}
+    try:
+        import pynvml
+    except ImportError:
+        from bench_rollout import device_info as torch_device_info
+
+        return torch_device_info("cuda")
 
     pynvml.nvmlInit()
     count = pynvml.nvmlDeviceGetCount()
@@ -183,7 +199,11 @@ def write_recipe(args: argparse.Namespace, run_dir: Path, cuda: bool, first: dic
         model, data = "tiny:lm", {}
     else:
         model_dir = Path(args.model_dir) / args.shape
-        model = str(build_qwen3_shape(model_dir, shape=SHAPES[args.shape]))
+        model = str(model_dir if args.dry_run else build_qwen3_shape(model_dir, shape=SHAPES[args.shape]))
+        if cuda and not args.dry_run:
+            import torch
+
+            torch.cuda.empty_cache()  # the model was built on the GPU: leave its memory to the actors
         prompts = run_dir / "prompts.jsonl"
         write_prompts(prompts, max(args.prompts * 4, 64), args.prompt_tokens, SHAPES[args.shape]["vocab_size"])
         data = {"train": str(prompts), "eval": str(prompts)}
@@ -324,19 +344,21 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=None, help="words per prompt (default 64 / 8)")
     ap.add_argument("--response-tokens", type=int, default=None, help="fixed response length (default 512 / 16)")
     ap.add_argument("--minibatches", type=int, default=2, help="optimizer updates per step")
-    ap.add_argument("--micro-batch-tokens", type=int, default=None, help="fixed budget (default 16384 / 256)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=None, help="fixed budget (default per shape / 256)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: 989 for H100/H200)")
     ap.add_argument("--model-dir", default=str(ROOT / ".cache" / "cascade_rl" / "bench"))
     ap.add_argument("--run-dir", default=None, help="default: a fresh folder under .cache/cascade_rl/bench_runs")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/step_<device>_<shape>.json)")
+    ap.add_argument("--dry-run", action="store_true", help="write and validate the recipe only (no model, no GPU)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiled update at the end (CUDA)")
     args = ap.parse_args()
     cuda = not args.small
     small = {"steps": 2, "prompts": 4, "group_size": 4, "prompt_tokens": 8, "response_tokens": 16,
              "micro_batch_tokens": 256}
     big = {"steps": 3, "prompts": 32, "group_size": 8, "prompt_tokens": 64, "response_tokens": 512,
-           "micro_batch_tokens": 16384}
+           "micro_batch_tokens": MICRO_BATCH_TOKENS[args.shape]}
     for k, v in (big if cuda else small).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -346,12 +368,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def run_variant(ctx: Any, name: str, settings: dict[str, Any], args: argparse.Namespace) -> tuple[float, float, Any]:
+def run_variant(ctx: Any, rollout: Any, name: str, settings: dict[str, Any]) -> tuple[float, float, Any]:
     from dataclasses import replace
 
     from cascade_rl.stages.gspo import run_gspo
 
-    applied = ctx.learners.configure_speed(**settings)
+    learner_settings = {k: v for k, v in settings.items() if k != "ipc_mode"}
+    applied = {**ctx.learners.configure_speed(**learner_settings), "ipc_mode": settings["ipc_mode"]}
+    rollout.ipc_mode = settings["ipc_mode"]  # CUDA IPC only (colocated GPUs); the CPU run syncs by object store
     stage = replace(ctx.cfg.stages[0], name=f"bench_{name}")
     ctx.cfg.stages[0] = stage
     ctx.state.stage_index, ctx.state.stage_step = 0, 0
@@ -376,9 +400,16 @@ def main() -> None:
     recipe = write_recipe(args, run_dir, cuda, settings[variants[0]] if variants else variant_settings("new", cuda, 0))
     model_build_s = time.perf_counter() - t0
     cfg = load_recipe(recipe)
-    info = gpu_device_info() if cuda else {"device": "cpu", "device_name": os.uname().machine, "gpu_count": 0}
+    if args.dry_run:
+        print(recipe.read_text())
+        print(f"recipe valid: {len(cfg.stages)} stage(s); variants {settings}")
+        return
+    info = device_info(cuda)
     peak = (args.peak_tflops or (989.0 if any(g in info["device_name"] for g in ("H100", "H200")) else 0.0)) * 1e12
-    sampler = GpuSampler() if cuda else None
+    try:
+        sampler = GpuSampler() if cuda else None
+    except ImportError:  # no NVML bindings: no busy share (vLLM's GPU wheels bring nvidia-ml-py)
+        sampler = None
     t_start = time.perf_counter()
     ctx, startup = start(cfg, run_dir, overlap=args.start == "overlap")
     startup.update(imports_s=round(imports_s, 3), process_to_ready_s=round(time.perf_counter() - T_PROCESS, 3),
@@ -405,7 +436,7 @@ def main() -> None:
     first_step_at = None
     try:
         for name in variants:
-            v0, v1, applied = run_variant(ctx, name, settings[name], args)
+            v0, v1, applied = run_variant(ctx, rollout, name, settings[name])
             gens = [e for e in rec.events if e[0] == "generate" and v0 <= e[1] <= v1]
             ends = [t for t, _ in rec.step_ends if v0 <= t <= v1]
             first_step_at = first_step_at or (gens[0][1] if gens else None)
@@ -414,6 +445,8 @@ def main() -> None:
             steady = steps[1:] or steps
             result["variants"][name] = {"settings": settings[name], "applied": applied,
                                         "steady_mean": mean_of(steady), "steps": steps}
+        if variants and rec.last_update is not None and not args.no_profile:
+            result["profile"] = profile_update(ctx.learners, rec.last_update, variants[-1])
     finally:
         if sampler is not None:
             sampler.stop()
@@ -442,6 +475,17 @@ def main() -> None:
     os.replace(tmp, out)
     print(json.dumps({k: v for k, v in result.items() if k != "variants"} | {
         "variants": {k: v["steady_mean"] for k, v in result["variants"].items()}}, indent=1))
+
+
+def profile_update(learners: Any, call: tuple[tuple, dict[str, Any]], variant: str) -> dict[str, Any]:
+    """The last update again, under torch.profiler on learner rank 0 (1-rank runs): what bounds the learner."""
+    import ray
+
+    args, kwargs = call
+    t0 = time.perf_counter()
+    out = ray.get(learners.workers[0].profile_train_policy.remote(*args, **kwargs))
+    return {"variant": variant, "wall_s": round(time.perf_counter() - t0, 3),
+            "step_s": out["metrics"].get("step_s"), "top_ops": out["table"].splitlines()}
 
 
 def versions() -> dict[str, str]:

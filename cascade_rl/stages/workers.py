@@ -66,7 +66,9 @@ def build_groups(cfg: RecipeConfig, model_path: str, *, overlap_start: bool = Tr
         warmup_steps=lr.warmup_steps, lr_schedule=lr.lr_schedule, total_steps=1, grad_clip=lr.grad_clip,
         micro_batch_tokens=lr.micro_batch_tokens, gradient_checkpointing=lr.gradient_checkpointing,
         offload_optimizer=lr.offload_optimizer, seed=cfg.seed, is_vlm=vlm, attn_implementation=lr.attention,
-        auto_micro_batch_tokens=lr.auto_micro_batch_tokens)
+        auto_micro_batch_tokens=lr.auto_micro_batch_tokens,
+        shared_gpu_reserve_fraction=r.gpu_memory_utilization if r.placement == "colocated" and r.sleep_when_idle
+        else 0.0)
     placement = make_placement(r.placement, num_learner_ranks=lr.num_ranks, num_gpus_per_rank=lr.num_gpus_per_rank,
                                num_rollout_workers=r.num_workers, num_gpus_per_worker=r.num_gpus_per_worker)
     learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank, placement=placement.learner,

@@ -91,13 +91,13 @@ def test_learner_packed_varlen_equals_padded_sdpa_logprobs_and_update(tiny_lm: P
 
 
 def test_auto_micro_batch_budget_arithmetic() -> None:
-    from transformers import Qwen3Config
-
     from cascade_rl.actors.attention import (
+        ACTIVATION_SAFETY,
         AUTO_BUDGET_RESERVE_BYTES,
         activation_bytes_per_token,
         auto_micro_batch_tokens,
     )
+    from transformers import Qwen3Config
 
     # Qwen3-0.6B shape: h 1024, q 16·128 = 2048, kv 8·128 = 1024, I 3072, 28 layers
     cfg = Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -107,9 +107,11 @@ def test_auto_micro_batch_budget_arithmetic() -> None:
     assert full == (28 * per_layer + 2 * 1024) * 2  # 1,265,664 B ≈ 1.2 MiB per token
     ckpt = activation_bytes_per_token(cfg, dtype_bytes=2, gradient_checkpointing=True)
     assert ckpt == (28 * 1024 + per_layer + 2 * 1024) * 2
-    # 40 GiB free: (40 − 6) GiB / 1,265,664 B = 28,844 tokens → 28,672 (a multiple of 1,024)
-    got = auto_micro_batch_tokens(cfg, free_bytes=40 << 30, floor=4096, dtype_bytes=2, gradient_checkpointing=False)
-    assert got == ((40 << 30) - AUTO_BUDGET_RESERVE_BYTES) // full // 1024 * 1024 == 28_672
+    # 40 GiB free, 10 GiB reserved for others: (40 − 6 − 10) GiB / (1.5 · 1,265,664 B) = 13,573 tokens → 13,312
+    got = auto_micro_batch_tokens(cfg, free_bytes=40 << 30, floor=4096, dtype_bytes=2, gradient_checkpointing=False,
+                                  reserve_bytes=10 << 30)
+    per_token = int(ACTIVATION_SAFETY * full)
+    assert got == ((40 << 30) - AUTO_BUDGET_RESERVE_BYTES - (10 << 30)) // per_token // 1024 * 1024 == 13_312
     # never below the recipe's floor, never above the cap
     assert auto_micro_batch_tokens(cfg, free_bytes=1 << 30, floor=4096, dtype_bytes=2,
                                    gradient_checkpointing=False) == 4096

@@ -56,6 +56,7 @@ from .faults import (
 from .learner import LearnerSpec  # noqa: F401  (re-exported: the driver builds specs through the group API)
 from .reward import RewardSpec, RewardTermSpec, RewardWorker
 from .rollout import GenerateResult, PromptInput, RolloutSpec, RolloutWorker, as_prompt_input
+from .sync_paths import SyncPath, choose_sync_path
 from .weight_sync import DEFAULT_BUCKET_MB, WeightSender, find_free_port, node_ip
 
 logger = logging.getLogger(__name__)
@@ -430,14 +431,12 @@ class RolloutGroup:
             self.start_engines()
         self.version = 0
         self._calls = 0
-        self._weights_ref: ray.ObjectRef | None = None  # kept so a restarted worker can load the current version
+        self._sync: SyncPath | None = None  # the weight-sync path, chosen once by connect (sync_paths.py)
         self._learners: LearnerGroup | None = None
-        self._nccl_ready = False
-        self._ipc_pairs: bool | None = None  # colocated: does every worker share its GPU with learner rank i?
         # CUDA IPC: "persistent" (flat buffers shared once, weights copied in per sync) or "buckets" (a buffer
         # and a handle per bucket, per sync: less GPU memory, more calls)
         self.ipc_mode = "persistent"
-        self._ipc_mapped: set[int] = set()  # workers that mapped the learners' persistent buffers
+        self.last_bucket_mb = DEFAULT_BUCKET_MB
         self.last_sync_path = ""  # "nccl" | "ipc" | "object_store"
         # bytes and per-side seconds of the last NCCL / IPC sync: learner side ("broadcast_s": pack + send until
         # the last bucket is taken) and rollout side ("receive_s"; IPC: the final reload step only)
@@ -489,98 +488,32 @@ class RolloutGroup:
                          worker: int = 0) -> list[list[float]]:
         return ray.get(self.workers[worker].compute_logprobs.remote(prompt_token_ids, response_token_ids))
 
+    def connect(self, learners: LearnerGroup) -> str:
+        """Choose the weight-sync path to ``learners`` once (``sync_paths.choose_sync_path``); returns its name."""
+        self._sync = choose_sync_path(learners, self)
+        self._learners = learners
+        return self._sync.name
+
     def sync_from(self, learners: LearnerGroup, version: int, bucket_mb: int = DEFAULT_BUCKET_MB) -> float:
-        """Push the learners' current weights to every worker, tagged ``version``; returns seconds.
-        NCCL when learners and vLLM workers sit on different GPUs, CUDA IPC when each worker shares its GPU with a
-        learner rank (colocated), else the Ray object store."""
+        """Push the learners' current weights to every worker, tagged ``version``, over the path chosen by
+        ``connect`` (called here on first use, or for other learners); returns seconds."""
         t0 = time.perf_counter()
-        if self._use_nccl(learners):
-            self._sync_nccl(learners, version, bucket_mb)
-            self.last_sync_path = "nccl"
-        elif self._use_ipc(learners):
-            self._sync_ipc(learners, version, bucket_mb)
-            self.last_sync_path = "ipc"
-        else:
-            self.last_sync_path = "object_store"
-            ref = learners.weights_ref(bucket_mb)
-            self._weights_ref, self.version = ref, version  # what a worker restarted from now on loads
-            self._gather([w.update_weights.remote(ref, version) for w in self.workers],
-                         lambda i: self.workers[i].get_policy_version.remote())  # a restart loaded them
-        self.version, self._learners = version, learners
+        if self._sync is None or self._learners is not learners:
+            self.connect(learners)
+        self.last_bucket_mb = bucket_mb
+        self.last_sync_sides = self._sync.sync(version, bucket_mb)
+        self.last_sync_path = self._sync.name
+        self.version = version
         return time.perf_counter() - t0
-
-    def _use_nccl(self, learners: LearnerGroup) -> bool:
-        return (learners.uses_gpu and self.placement.num_gpus > 0 and not self.placement.shared_gpu
-                and self.spec.backend == "vllm")
-
-    def _use_ipc(self, learners: LearnerGroup) -> bool:
-        if not (learners.uses_gpu and self.placement.shared_gpu and self.spec.backend == "vllm"
-                and len(self.workers) <= len(learners.workers)):
-            return False
-        if self._ipc_pairs is None:  # asked once: the GPUs of actors don't change (a restart keeps the bundle)
-            mine = ray.get([w.gpu_uuid.remote() for w in self.workers])
-            theirs = ray.get([learners.workers[i].gpu_uuid.remote() for i in range(len(self.workers))])
-            self._ipc_pairs = None not in mine and mine == theirs
-            if not self._ipc_pairs:
-                logger.warning("colocated weight sync falls back to the Ray object store: rollout worker GPUs %s "
-                               "are not those of learner ranks 0..%d (%s)", mine, len(mine) - 1, theirs)
-        return self._ipc_pairs
-
-    def _sync_ipc(self, learners: LearnerGroup, version: int, bucket_mb: int) -> None:
-        if self.ipc_mode == "persistent":
-            self._sync_ipc_persistent(learners, version, bucket_mb)
-            return
-        ray.get([w.begin_shared_load.remote() for w in self.workers])
-        paired = [self.workers[i] if i < len(self.workers) else None for i in range(len(learners.workers))]
-        sent = ray.get([rank.share_weights.remote(w, bucket_mb) for rank, w in zip(learners.workers, paired,
-                                                                                   strict=True)])
-        t0 = time.perf_counter()
-        ray.get([w.end_shared_load.remote(version) for w in self.workers])
-        self.last_sync_sides = {"sync_bytes": sent[0]["sync_bytes"],
-                                "broadcast_s": max(s["sync_s"] for s in sent), "receive_s": time.perf_counter() - t0}
-
-    def _sync_ipc_persistent(self, learners: LearnerGroup, version: int, bucket_mb: int) -> None:
-        """Each paired learner rank copies its weights into its persistent buffers; each worker reloads from them
-        (mapping them at its first sync): two calls in all, whatever the number of buckets."""
-        staged = ray.get([rank.stage_weights_ipc.remote(i < len(self.workers), bucket_mb)
-                          for i, rank in enumerate(learners.workers)])
-        t0 = time.perf_counter()
-        ray.get([w.load_persistent.remote(None if i in self._ipc_mapped else staged[i]["buffers"], version)
-                 for i, w in enumerate(self.workers)])
-        self._ipc_mapped = set(range(len(self.workers)))
-        self.last_sync_sides = {"sync_bytes": staged[0]["sync_bytes"],
-                                "broadcast_s": max(s["sync_s"] for s in staged), "receive_s": time.perf_counter() - t0}
-
-    def _sync_nccl(self, learners: LearnerGroup, version: int, bucket_mb: int) -> None:
-        if not self._nccl_ready:
-            addr, port = ray.get(learners.workers[0].weight_sync_endpoint.remote())
-            sizes = ray.get([w.num_sync_ranks.remote() for w in self.workers])
-            offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
-            world = 1 + sum(sizes)
-            ray.get([learners.workers[0].init_weight_sync.remote(addr, port, world)]
-                    + [w.init_weight_sync.remote(addr, port, off, world) for w, off in zip(self.workers, offsets,
-                                                                                            strict=True)])
-            self._nccl_ready = True
-        out = ray.get([w.broadcast_weights.remote(bucket_mb) for w in learners.workers]
-                      + [w.receive_weights.remote(version) for w in self.workers])
-        sent, received = out[0], out[len(learners.workers):]  # rank 0's {"sync_bytes", "sync_s"}; seconds each
-        self.last_sync_sides = {"sync_bytes": sent["sync_bytes"], "broadcast_s": sent["sync_s"],
-                                "receive_s": max(received)}
 
     def restart_worker(self, i: int) -> None:
         """Replace worker ``i`` (dead or alive) and bring it to the current policy version."""
         ray.kill(self.workers[i], no_restart=True)
         self.workers[i] = self._spawn(i)
-        self._ipc_mapped.discard(i)  # a new process must map the persistent buffers again
         self.num_restarts += 1
         ray.get(self.workers[i].get_policy_version.remote())
-        if self.version == 0:
-            return
-        if self._weights_ref is not None:
-            ray.get(self.workers[i].update_weights.remote(self._weights_ref, self.version))
-        elif self._learners is not None:  # NCCL: the group lost a member, so form it again
-            self._nccl_ready = False
-            self.sync_from(self._learners, self.version)
+        if self.version > 0 and self._sync is not None:
+            self._sync.restarted(i, self.version)
 
     def policy_versions(self) -> list[int]:
         return ray.get([w.get_policy_version.remote() for w in self.workers])

@@ -1,6 +1,6 @@
 """Weight sync learner → rollout engines, version-tagged by the caller.
 
-Three paths, chosen by ``RolloutGroup.sync_from``:
+Three paths; the driver side of each is one class in ``sync_paths.py``, chosen once per pair of groups:
 
 - **Object store** (CPU; the HF backend; any layout the other two don't cover). Learner rank 0 returns
   ``(name, tensor)`` pairs (all ranks take part: ZeRO-3 gathers are collective); the driver passes that one

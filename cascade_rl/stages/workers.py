@@ -80,4 +80,5 @@ def build_groups(cfg: RecipeConfig, model_path: str, *, overlap_start: bool = Tr
                           correct_threshold=cfg.reward.correct_threshold)
     learners.wait_ready()
     rollout.start_engines()  # no-op unless deferred
+    rollout.connect(learners)  # the weight-sync path (NCCL, CUDA IPC or object store), chosen once
     return learners, rollout, rewards, vlm  # placement groups go with the job

@@ -117,3 +117,18 @@ def test_persistent_buffers_one_flat_buffer_per_dtype_refreshed_by_each_copy() -
             assert torch.equal(buffers.views[n], t)
     with pytest.raises(RuntimeError, match="not in the persistent buffers"):
         buffers.copy_in([("model.new.weight", torch.zeros(1))])
+
+
+def test_the_path_is_chosen_from_the_placement() -> None:
+    from cascade_rl.actors.group import GroupPlacement
+    from cascade_rl.actors.sync_paths import NcclSync, ObjectStoreSync, choose_sync_path
+
+    def groups(learner_gpu: bool, rollout_gpus: float, shared: bool, backend: str = "vllm") -> tuple[Any, Any]:
+        learners = SimpleNamespace(uses_gpu=learner_gpu, workers=[object()])
+        rollout = SimpleNamespace(placement=GroupPlacement(rollout_gpus, 1, shared_gpu=shared), workers=[],
+                                  spec=SimpleNamespace(backend=backend))
+        return learners, rollout
+
+    assert isinstance(choose_sync_path(*groups(True, 1.0, False)), NcclSync)  # split GPUs
+    assert isinstance(choose_sync_path(*groups(False, 0.0, False)), ObjectStoreSync)  # CPU
+    assert isinstance(choose_sync_path(*groups(True, 1.0, False, backend="hf")), ObjectStoreSync)  # HF engine

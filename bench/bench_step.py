@@ -41,6 +41,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,7 @@ def write_recipe(args: argparse.Namespace, run_dir: Path, cuda: bool, first: dic
                     "gpu_memory_utilization": args.gpu_memory_utilization or GPU_MEMORY_UTILIZATION.get(args.shape, 0.3),
                     "enforce_eager": args.enforce_eager, "sleep_when_idle": cuda, "behaviour_logprobs": False,
                     "placement": "colocated" if cuda else "split", "kv_cache_gib": 1},
-        "reward": {"terms": [{"name": "math_verify"}], "num_workers": 1},
+        "reward": {"terms": [{"name": "math_verify"}], "num_workers": 4 if cuda else 1},
         "learner": {"num_ranks": 1, "num_gpus_per_rank": gpu, "zero_stage": 2, "lr": 1e-6,
                     "micro_batch_tokens": args.micro_batch_tokens, "attention": first["attention"],
                     "auto_micro_batch_tokens": first["auto_micro_batch_tokens"]},
@@ -436,7 +437,12 @@ def main() -> None:
     first_step_at = None
     try:
         for name in variants:
-            v0, v1, applied = run_variant(ctx, rollout, name, settings[name])
+            try:
+                v0, v1, applied = run_variant(ctx, rollout, name, settings[name])
+            except Exception:  # keep what the other variants measured; the JSON says what failed
+                result["variants"][name] = {"settings": settings[name], "error": traceback.format_exc()[-3000:]}
+                print(result["variants"][name]["error"], file=sys.stderr)
+                continue
             gens = [e for e in rec.events if e[0] == "generate" and v0 <= e[1] <= v1]
             ends = [t for t, _ in rec.step_ends if v0 <= t <= v1]
             first_step_at = first_step_at or (gens[0][1] if gens else None)
@@ -446,7 +452,10 @@ def main() -> None:
             result["variants"][name] = {"settings": settings[name], "applied": applied,
                                         "steady_mean": mean_of(steady), "steps": steps}
         if variants and rec.last_update is not None and not args.no_profile:
-            result["profile"] = profile_update(ctx.learners, rec.last_update, variants[-1])
+            try:
+                result["profile"] = profile_update(ctx.learners, rec.last_update, variants[-1])
+            except Exception:
+                result["profile"] = {"error": traceback.format_exc()[-2000:]}
     finally:
         if sampler is not None:
             sampler.stop()
@@ -455,10 +464,11 @@ def main() -> None:
     if first_step_at is not None:
         startup["start_to_first_step_s"] = round(first_step_at - t_start, 3)
         startup["process_to_first_step_s"] = round(first_step_at - T_PROCESS, 3)
-    if "baseline" in result["variants"] and "new" in result["variants"]:
-        b, n = result["variants"]["baseline"]["steady_mean"], result["variants"]["new"]["steady_mean"]
-        result["new_over_baseline"] = {k: round(n[k] / b[k], 3) for k in ("wall_s", "train_tokens_per_s",
-                                       "old_logprobs_s", "sync_s") if b.get(k) and n.get(k)}
+    means = {k: v["steady_mean"] for k, v in result["variants"].items() if "steady_mean" in v}
+    if "baseline" in means and "new" in means:
+        b, n = means["baseline"], means["new"]
+        result["new_over_baseline"] = {k: round(n[k] / b[k], 3) for k in (
+            "wall_s", "train_tokens_per_s", "old_logprobs_s", "sync_s", "learner_mfu_6n") if b.get(k) and n.get(k)}
     result.update(workload={"prompts_per_step": args.prompts, "group_size": args.group_size,
                             "prompt_words": args.prompt_tokens, "response_tokens": args.response_tokens,
                             "minibatches": args.minibatches, "steps_per_variant": args.steps,
@@ -474,7 +484,7 @@ def main() -> None:
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, out)
     print(json.dumps({k: v for k, v in result.items() if k != "variants"} | {
-        "variants": {k: v["steady_mean"] for k, v in result["variants"].items()}}, indent=1))
+        "variants": {k: v.get("steady_mean", v.get("error")) for k, v in result["variants"].items()}}, indent=1))
 
 
 def profile_update(learners: Any, call: tuple[tuple, dict[str, Any]], variant: str) -> dict[str, Any]:

@@ -25,10 +25,13 @@ after it, so their outputs are exact too.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from cascade_rl.types import SequenceBatch
 
 VARLEN_ATTENTION = "cascade_varlen"
 
@@ -180,3 +183,45 @@ def free_device_bytes(device: torch.device) -> int:
     caching allocator holds unused."""
     free, _ = torch.cuda.mem_get_info(device)
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+class LearnerSpeedControls:
+    """Mixed into the learner actor by ``group.py``: switch speed settings of a live learner and profile one
+    update (what ``bench/bench_step.py`` uses to compare old and new paths on one warm start)."""
+
+    spec: Any
+    model: Any
+    device: Any
+    _packed: bool
+    _auto_budget_done: bool
+    train_policy: Any  # LearnerWorker's (this mixin comes first in the MRO)
+
+    def configure_speed(self, attention: str | None = None, micro_batch_tokens: int | None = None,
+                        auto_micro_batch_tokens: bool | None = None) -> dict[str, Any]:
+        """Switch attention (and packing with it) or the micro-batch budget of a live learner."""
+        if attention is not None:
+            set_attention(self, attention)
+        if micro_batch_tokens is not None:
+            self.spec.micro_batch_tokens = micro_batch_tokens
+        if auto_micro_batch_tokens is not None:
+            self.spec.auto_micro_batch_tokens, self._auto_budget_done = auto_micro_batch_tokens, False
+        return {"attention": self.model.config._attn_implementation, "packed": self._packed,
+                "micro_batch_tokens": self.spec.micro_batch_tokens}
+
+    def profile_train_policy(self, batch: SequenceBatch, **kwargs: Any) -> dict[str, Any]:
+        """One ``train_policy`` step (a real update) under torch.profiler: its metrics and the top
+        operators by self time on the device (CPU on a CPU learner), as a table."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = str(self.device).startswith("cuda")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            metrics = self.train_policy(batch, **kwargs)
+        averages = prof.key_averages()
+        for key in (("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)):
+            try:
+                table = averages.table(sort_by=key, row_limit=30)
+                break
+            except (AttributeError, KeyError, ValueError):
+                table = ""
+        return {"metrics": metrics, "table": table}

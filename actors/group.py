@@ -202,43 +202,12 @@ def _learner_actor() -> Any:
     """``ray.remote`` of LearnerWorker + the weight-sync sender (built once, on first use)."""
     global _LEARNER_ACTOR
     if _LEARNER_ACTOR is None:
+        from .attention import LearnerSpeedControls
         from .learner import LearnerWorker
 
-        class LearnerActor(WeightSender, LearnerWorker):
+        class LearnerActor(WeightSender, LearnerSpeedControls, LearnerWorker):
             def ping(self) -> int:
                 return self.rank
-
-            def configure_speed(self, attention: str | None = None, micro_batch_tokens: int | None = None,
-                                auto_micro_batch_tokens: bool | None = None) -> dict[str, Any]:
-                """Switch attention (and packing with it) or the micro-batch budget of a live learner."""
-                from .attention import set_attention
-
-                if attention is not None:
-                    set_attention(self, attention)
-                if micro_batch_tokens is not None:
-                    self.spec.micro_batch_tokens = micro_batch_tokens
-                if auto_micro_batch_tokens is not None:
-                    self.spec.auto_micro_batch_tokens, self._auto_budget_done = auto_micro_batch_tokens, False
-                return {"attention": self.model.config._attn_implementation, "packed": self._packed,
-                        "micro_batch_tokens": self.spec.micro_batch_tokens}
-
-            def profile_train_policy(self, batch: SequenceBatch, **kwargs: Any) -> dict[str, Any]:
-                """One ``train_policy`` step (a real update) under torch.profiler: its metrics and the top
-                operators by self time on the device (CPU on a CPU learner), as a table."""
-                from torch.profiler import ProfilerActivity, profile
-
-                cuda = str(self.device).startswith("cuda")
-                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-                with profile(activities=activities) as prof:
-                    metrics = self.train_policy(batch, **kwargs)
-                averages = prof.key_averages()
-                for key in (("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)):
-                    try:
-                        table = averages.table(sort_by=key, row_limit=30)
-                        break
-                    except (AttributeError, KeyError, ValueError):
-                        table = ""
-                return {"metrics": metrics, "table": table}
 
         _LEARNER_ACTOR = ray.remote(LearnerActor)
     return _LEARNER_ACTOR

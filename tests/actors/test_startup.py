@@ -54,3 +54,19 @@ def test_groups_start_together_and_colocated_engines_wait_for_the_learners(
     calls.clear()
     build_groups(RecipeConfig(), str(tiny_lm), overlap_start=False)  # the old order: each group waited for
     assert calls[:2] == ["learners(wait=True)", "rollout(defer=False)"]
+
+
+@pytest.mark.slow
+def test_deferred_rollout_engines_start_on_request(ray_session: None, tiny_lm: Path, make_rollout_spec: Any) -> None:
+    import ray
+    from cascade_rl.actors.group import RolloutGroup
+
+    group = RolloutGroup(make_rollout_spec(tiny_lm, backend="hf"), num_workers=1, defer_engines=True)
+    try:
+        assert group.start_s == 0.0  # constructed, engine not started yet
+        group.start_engines()
+        assert group.start_s >= group.engine_start_s > 0
+        out = group.generate([([{"role": "user", "content": "1+1="}], [])], 2)
+        assert len(out.generations) == 2 and ray.get(group.workers[0].start_engine.remote()) == 0  # idempotent
+    finally:
+        group.shutdown()

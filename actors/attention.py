@@ -205,6 +205,8 @@ class LearnerSpeedControls:
             self.spec.micro_batch_tokens = micro_batch_tokens
         if auto_micro_batch_tokens is not None:
             self.spec.auto_micro_batch_tokens, self._auto_budget_done = auto_micro_batch_tokens, False
+        if str(self.device).startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)  # peak_mem_gib then measures the new settings
         return {"attention": self.model.config._attn_implementation, "packed": self._packed,
                 "micro_batch_tokens": self.spec.micro_batch_tokens}
 

@@ -117,3 +117,28 @@ def test_auto_micro_batch_budget_arithmetic() -> None:
                                    gradient_checkpointing=False) == 4096
     assert auto_micro_batch_tokens(cfg, free_bytes=1 << 40, floor=4096, dtype_bytes=2,
                                    gradient_checkpointing=True) == 65_536
+
+
+@pytest.mark.slow
+def test_a_live_learner_switches_attention_and_profiles_an_update(tiny_lm: Path) -> None:
+    from cascade_rl.actors.attention import LearnerSpeedControls
+    from cascade_rl.actors.learner import LearnerSpec, LearnerWorker
+    from test_learner import free_port, random_batch, with_old_logprobs
+
+    class Learner(LearnerSpeedControls, LearnerWorker):
+        pass
+
+    w = Learner(LearnerSpec(model_path=str(tiny_lm), zero_stage=2, lr=1e-3, micro_batch_tokens=64), 0, 1,
+                "127.0.0.1", free_port())
+    batch = random_batch(seed=4)
+    padded = w.compute_logprobs(batch)
+    assert w.configure_speed(attention="varlen") == {"attention": VARLEN_ATTENTION, "packed": True,
+                                                     "micro_batch_tokens": 64}
+    packed = w.compute_logprobs(batch)
+    for a, b in zip(padded, packed, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    assert w.configure_speed(attention="sdpa", micro_batch_tokens=128)["packed"] is False
+    with_old_logprobs(batch, packed)
+    out = w.profile_train_policy(batch, loss="gspo", clip_low=0.2, clip_high=0.2, num_global_seqs=len(batch),
+                                 num_global_tokens=sum(map(len, batch.response_token_ids)))
+    assert out["metrics"]["grad_norm"] > 0 and "aten::mm" in out["table"]

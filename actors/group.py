@@ -395,7 +395,7 @@ class RolloutGroup:
         self._cls = ray.remote(RolloutActor)
         self.workers = [self._cls.options(**self.placement.options(i)).remote(self.spec, start=not defer_engines)
                         for i in range(num_workers)]
-        self._t0, self.start_s, self.engine_start_s = t0, 0.0, 0.0
+        self._t0, self.start_s, self.engine_start_s, self._engines_started = t0, 0.0, 0.0, False
         if not defer_engines:
             self.start_engines()
         self.version = 0
@@ -419,9 +419,12 @@ class RolloutGroup:
     def start_engines(self) -> None:
         """Start the engines of workers made with ``defer_engines`` (a no-op for started ones); errors surface here.
         ``start_s``: seconds from construction until every engine is up; ``engine_start_s``: this call's."""
+        if self._engines_started:
+            return
         t0 = time.perf_counter()
         ray.get([w.start_engine.remote() for w in self.workers])
         self.engine_start_s, self.start_s = time.perf_counter() - t0, time.perf_counter() - self._t0
+        self._engines_started = True
 
     def _gather(self, refs: list[ray.ObjectRef], resubmit: Any) -> list[Any]:
         """``ray.get`` of one ref per worker; a dead worker is restarted (at the current policy version) and its

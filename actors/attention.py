@@ -24,6 +24,7 @@ after it, so their outputs are exact too.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 VARLEN_ATTENTION = "cascade_varlen"
 
 
+@functools.cache
 def varlen_kernel() -> Any | None:
     """torch's FlashAttention varlen function, or None where this torch has none."""
     try:
@@ -113,12 +115,17 @@ def varlen_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
 def _fused(kernel: Any, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float | None) -> Tensor:
     extra: dict[str, Any] = {}
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in inspect.signature(kernel).parameters:
+        if _takes_gqa_flag(kernel):
             extra["enable_gqa"] = True
         else:  # older torch: give every query head its own copy of its key/value head
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     return kernel(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), **extra)  # (T, Hq, D)
+
+
+@functools.cache
+def _takes_gqa_flag(kernel: Any) -> bool:
+    return "enable_gqa" in inspect.signature(kernel).parameters
 
 
 def _segmentwise(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float | None) -> Tensor:

@@ -142,3 +142,23 @@ def test_a_live_learner_switches_attention_and_profiles_an_update(tiny_lm: Path)
     out = w.profile_train_policy(batch, loss="gspo", clip_low=0.2, clip_high=0.2, num_global_seqs=len(batch),
                                  num_global_tokens=sum(map(len, batch.response_token_ids)))
     assert out["metrics"]["grad_norm"] > 0 and "aten::mm" in out["table"]
+
+
+def test_fused_path_calls_the_kernel_causally_with_matching_heads() -> None:
+    """The CUDA branch's call, with a stand-in kernel of torch 2.11's signature (no enable_gqa): key/value heads
+    are repeated to the query heads, the window is causal, and the result is the per-sequence attention."""
+    from cascade_rl.actors.attention import _fused, _segmentwise
+
+    seen = {}
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        seen.update(heads=(q.shape[1], k.shape[1]), window=window_size, max=(max_q, max_k))
+        return _segmentwise(q, k, v, cu_q, scale)
+
+    g = torch.Generator().manual_seed(1)
+    lengths = [4, 6]
+    q, k, v = (torch.randn(1, h, 10, 8, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    out = _fused(kernel, *(t.transpose(1, 2).reshape(10, -1, 8) for t in (q, k, v)), cu, 6, None)
+    assert seen == {"heads": (4, 4), "window": (-1, 0), "max": (6, 6)}
+    torch.testing.assert_close(out[None], _alone(q, k, v, lengths), atol=1e-6, rtol=0)

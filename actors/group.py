@@ -45,6 +45,7 @@ from .learner import LearnerSpec  # noqa: F401  (re-exported: the driver builds 
 from .placement import CPU_TOKEN, GroupPlacement, Placement, make_placement  # noqa: F401  (group API)
 from .reward import RewardSpec, RewardWorker
 from .rollout import GenerateResult, PromptInput, RolloutSpec, RolloutWorker, as_prompt_input
+from .sync_paths import SyncPath, choose_sync_path
 from .weight_sync import DEFAULT_BUCKET_MB, WeightSender, find_free_port, node_ip
 
 logger = logging.getLogger(__name__)
@@ -108,9 +109,10 @@ def _learner_actor() -> Any:
     """``ray.remote`` of LearnerWorker + the weight-sync sender (built once, on first use)."""
     global _LEARNER_ACTOR
     if _LEARNER_ACTOR is None:
+        from .attention import LearnerSpeedControls
         from .learner import LearnerWorker
 
-        class LearnerActor(WeightSender, LearnerWorker):
+        class LearnerActor(WeightSender, LearnerSpeedControls, LearnerWorker):
             def ping(self) -> int:
                 return self.rank
 
@@ -122,7 +124,10 @@ class LearnerGroup:
     """One learner actor per data-parallel rank; every call goes to all ranks (they are collective)."""
 
     def __init__(self, spec: Any, num_ranks: int, num_gpus_per_rank: float = 0.0, *,
-                 placement: GroupPlacement | None = None) -> None:
+                 placement: GroupPlacement | None = None, wait: bool = True) -> None:
+        """``wait=False`` returns once the actors are created (their constructors still running): call
+        ``wait_ready`` before using the group, so other groups can start meanwhile."""
+        t0 = time.perf_counter()
         self._own: Placement | None = None
         if placement is None:
             self._own = make_placement("split", num_learner_ranks=num_ranks, num_gpus_per_rank=num_gpus_per_rank,
@@ -135,10 +140,24 @@ class LearnerGroup:
         cls = _learner_actor()
         self.workers = [cls.options(**placement.options(r)).remote(spec, r, num_ranks, addr, port)
                         for r in range(num_ranks)]
-        ray.get([w.ping.remote() for w in self.workers])  # construction errors surface here
+        self._t0, self.start_s = t0, 0.0  # seconds from construction until every rank is ready
+        self._pending: list[ray.ObjectRef] | None = [w.ping.remote() for w in self.workers]
+        if wait:
+            self.wait_ready()
         self.last_checkpoint: str | None = None  # newest learner checkpoint saved or loaded by this group
         self._writing: str | None = None  # a checkpoint being saved right now
         self._failed: LearnerFailedError | None = None
+
+    def wait_ready(self) -> None:
+        """Block until every rank is constructed; construction errors surface here."""
+        if self._pending is not None:
+            ray.get(self._pending)
+            self._pending = None
+            self.start_s = time.perf_counter() - self._t0
+
+    def configure_speed(self, **settings: Any) -> dict[str, Any]:
+        """``attention`` (``varlen`` | an HF name) and/or ``micro_batch_tokens`` on every rank; rank 0's result."""
+        return ray.get([w.configure_speed.remote(**settings) for w in self.workers])[0]
 
     def _run(self, call: str, refs: list[ray.ObjectRef], *, skip_fetch: int | None = None) -> list[Any]:
         """One result per rank; a dead rank stops every rank and raises ``LearnerFailedError`` (see faults.py)."""
@@ -256,26 +275,53 @@ class LearnerGroup:
 # ------------------------------------------------------------------------------------------------ rollout
 
 
+class RolloutActor(RolloutWorker):
+    """A rollout worker whose engine may start later than its process (``start=False``): the process imports the
+    engine's modules meanwhile, the slow part of a vLLM start that needs no GPU memory."""
+
+    def __init__(self, spec: RolloutSpec, start: bool = True) -> None:
+        self._deferred: RolloutSpec | None = spec
+        if start:
+            self.start_engine()
+        elif spec.backend == "vllm":
+            import vllm  # noqa: F401  (warms the import; the engine starts in start_engine)
+
+    def start_engine(self) -> int:
+        if self._deferred is not None:
+            spec, self._deferred = self._deferred, None
+            RolloutWorker.__init__(self, spec)
+        return self.get_policy_version()
+
+
 class RolloutGroup:
     """``num_workers`` rollout workers; prompts are split evenly (contiguous slices), results rejoined in order."""
 
     def __init__(self, spec: RolloutSpec, num_workers: int = 1, num_gpus_per_worker: float = 0.0, *,
-                 placement: GroupPlacement | None = None, max_restarts: int = 2) -> None:
+                 placement: GroupPlacement | None = None, max_restarts: int = 2, defer_engines: bool = False) -> None:
+        """``defer_engines=True``: the worker processes start and import the engine now, the engines themselves
+        only at ``start_engines`` (e.g. once a colocated learner holds its GPU memory: vLLM sizes its KV cache
+        from the memory it sees free while it profiles)."""
+        t0 = time.perf_counter()
         self._own: Placement | None = None
         if placement is None and num_gpus_per_worker > 0:
             self._own = make_placement("split", num_learner_ranks=0, num_gpus_per_rank=num_gpus_per_worker,
                                        num_rollout_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker)
             placement = self._own.rollout
         self.spec, self.placement = spec, placement or GroupPlacement(0, 0)
-        self._cls = ray.remote(RolloutWorker)
-        self.workers = [self._spawn(i) for i in range(num_workers)]
-        ray.get([w.get_policy_version.remote() for w in self.workers])  # engine start errors surface here
+        self._cls = ray.remote(RolloutActor)
+        self.workers = [self._cls.options(**self.placement.options(i)).remote(self.spec, start=not defer_engines)
+                        for i in range(num_workers)]
+        self._t0, self.start_s, self.engine_start_s, self._engines_started = t0, 0.0, 0.0, False
+        if not defer_engines:
+            self.start_engines()
         self.version = 0
         self._calls = 0
-        self._weights_ref: ray.ObjectRef | None = None  # kept so a restarted worker can load the current version
+        self._sync: SyncPath | None = None  # the weight-sync path, chosen once by connect (sync_paths.py)
         self._learners: LearnerGroup | None = None
-        self._nccl_ready = False
-        self._ipc_pairs: bool | None = None  # colocated: does every worker share its GPU with learner rank i?
+        # CUDA IPC: "persistent" (flat buffers shared once, weights copied in per sync) or "buckets" (a buffer
+        # and a handle per bucket, per sync: less GPU memory, more calls)
+        self.ipc_mode = "persistent"
+        self.last_bucket_mb = DEFAULT_BUCKET_MB
         self.last_sync_path = ""  # "nccl" | "ipc" | "object_store"
         # bytes and per-side seconds of the last NCCL / IPC sync: learner side ("broadcast_s": pack + send until
         # the last bucket is taken) and rollout side ("receive_s"; IPC: the final reload step only)
@@ -285,6 +331,16 @@ class RolloutGroup:
 
     def _spawn(self, i: int) -> Any:
         return self._cls.options(**self.placement.options(i)).remote(self.spec)
+
+    def start_engines(self) -> None:
+        """Start the engines of workers made with ``defer_engines`` (a no-op for started ones); errors surface here.
+        ``start_s``: seconds from construction until every engine is up; ``engine_start_s``: this call's."""
+        if self._engines_started:
+            return
+        t0 = time.perf_counter()
+        ray.get([w.start_engine.remote() for w in self.workers])
+        self.engine_start_s, self.start_s = time.perf_counter() - t0, time.perf_counter() - self._t0
+        self._engines_started = True
 
     def _gather(self, refs: list[ray.ObjectRef], resubmit: Any) -> list[Any]:
         """``ray.get`` of one ref per worker; a dead worker is restarted (at the current policy version) and its
@@ -320,68 +376,23 @@ class RolloutGroup:
                          worker: int = 0) -> list[list[float]]:
         return ray.get(self.workers[worker].compute_logprobs.remote(prompt_token_ids, response_token_ids))
 
+    def connect(self, learners: LearnerGroup) -> str:
+        """Choose the weight-sync path to ``learners`` once (``sync_paths.choose_sync_path``); returns its name."""
+        self._sync = choose_sync_path(learners, self)
+        self._learners = learners
+        return self._sync.name
+
     def sync_from(self, learners: LearnerGroup, version: int, bucket_mb: int = DEFAULT_BUCKET_MB) -> float:
-        """Push the learners' current weights to every worker, tagged ``version``; returns seconds.
-        NCCL when learners and vLLM workers sit on different GPUs, CUDA IPC when each worker shares its GPU with a
-        learner rank (colocated), else the Ray object store."""
+        """Push the learners' current weights to every worker, tagged ``version``, over the path chosen by
+        ``connect`` (called here on first use, or for other learners); returns seconds."""
         t0 = time.perf_counter()
-        if self._use_nccl(learners):
-            self._sync_nccl(learners, version, bucket_mb)
-            self.last_sync_path = "nccl"
-        elif self._use_ipc(learners):
-            self._sync_ipc(learners, version, bucket_mb)
-            self.last_sync_path = "ipc"
-        else:
-            self.last_sync_path = "object_store"
-            ref = learners.weights_ref(bucket_mb)
-            self._weights_ref, self.version = ref, version  # what a worker restarted from now on loads
-            self._gather([w.update_weights.remote(ref, version) for w in self.workers],
-                         lambda i: self.workers[i].get_policy_version.remote())  # a restart loaded them
-        self.version, self._learners = version, learners
+        if self._sync is None or self._learners is not learners:
+            self.connect(learners)
+        self.last_bucket_mb = bucket_mb
+        self.last_sync_sides = self._sync.sync(version, bucket_mb)
+        self.last_sync_path = self._sync.name
+        self.version = version
         return time.perf_counter() - t0
-
-    def _use_nccl(self, learners: LearnerGroup) -> bool:
-        return (learners.uses_gpu and self.placement.num_gpus > 0 and not self.placement.shared_gpu
-                and self.spec.backend == "vllm")
-
-    def _use_ipc(self, learners: LearnerGroup) -> bool:
-        if not (learners.uses_gpu and self.placement.shared_gpu and self.spec.backend == "vllm"
-                and len(self.workers) <= len(learners.workers)):
-            return False
-        if self._ipc_pairs is None:  # asked once: the GPUs of actors don't change (a restart keeps the bundle)
-            mine = ray.get([w.gpu_uuid.remote() for w in self.workers])
-            theirs = ray.get([learners.workers[i].gpu_uuid.remote() for i in range(len(self.workers))])
-            self._ipc_pairs = None not in mine and mine == theirs
-            if not self._ipc_pairs:
-                logger.warning("colocated weight sync falls back to the Ray object store: rollout worker GPUs %s "
-                               "are not those of learner ranks 0..%d (%s)", mine, len(mine) - 1, theirs)
-        return self._ipc_pairs
-
-    def _sync_ipc(self, learners: LearnerGroup, version: int, bucket_mb: int) -> None:
-        ray.get([w.begin_shared_load.remote() for w in self.workers])
-        paired = [self.workers[i] if i < len(self.workers) else None for i in range(len(learners.workers))]
-        sent = ray.get([rank.share_weights.remote(w, bucket_mb) for rank, w in zip(learners.workers, paired,
-                                                                                   strict=True)])
-        t0 = time.perf_counter()
-        ray.get([w.end_shared_load.remote(version) for w in self.workers])
-        self.last_sync_sides = {"sync_bytes": sent[0]["sync_bytes"],
-                                "broadcast_s": max(s["sync_s"] for s in sent), "receive_s": time.perf_counter() - t0}
-
-    def _sync_nccl(self, learners: LearnerGroup, version: int, bucket_mb: int) -> None:
-        if not self._nccl_ready:
-            addr, port = ray.get(learners.workers[0].weight_sync_endpoint.remote())
-            sizes = ray.get([w.num_sync_ranks.remote() for w in self.workers])
-            offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
-            world = 1 + sum(sizes)
-            ray.get([learners.workers[0].init_weight_sync.remote(addr, port, world)]
-                    + [w.init_weight_sync.remote(addr, port, off, world) for w, off in zip(self.workers, offsets,
-                                                                                            strict=True)])
-            self._nccl_ready = True
-        out = ray.get([w.broadcast_weights.remote(bucket_mb) for w in learners.workers]
-                      + [w.receive_weights.remote(version) for w in self.workers])
-        sent, received = out[0], out[len(learners.workers):]  # rank 0's {"sync_bytes", "sync_s"}; seconds each
-        self.last_sync_sides = {"sync_bytes": sent["sync_bytes"], "broadcast_s": sent["sync_s"],
-                                "receive_s": max(received)}
 
     def restart_worker(self, i: int) -> None:
         """Replace worker ``i`` (dead or alive) and bring it to the current policy version."""
@@ -389,13 +400,8 @@ class RolloutGroup:
         self.workers[i] = self._spawn(i)
         self.num_restarts += 1
         ray.get(self.workers[i].get_policy_version.remote())
-        if self.version == 0:
-            return
-        if self._weights_ref is not None:
-            ray.get(self.workers[i].update_weights.remote(self._weights_ref, self.version))
-        elif self._learners is not None:  # NCCL: the group lost a member, so form it again
-            self._nccl_ready = False
-            self.sync_from(self._learners, self.version)
+        if self.version > 0 and self._sync is not None:
+            self._sync.restarted(i, self.version)
 
     def policy_versions(self) -> list[int]:
         return ray.get([w.get_policy_version.remote() for w in self.workers])
@@ -424,9 +430,11 @@ class RewardGroup:
                                correct_term=correct_term, num_processes=num_processes)
         self.max_restarts = max_restarts
         self.num_restarts = 0
+        t0 = time.perf_counter()
         self._cls = ray.remote(num_cpus=0)(RewardWorker)
         self.workers = [self._cls.remote(self.spec) for _ in range(num_workers)]
         ray.get([w.stats.remote() for w in self.workers])  # construction errors (unknown reward names) here
+        self.start_s = time.perf_counter() - t0
 
     def score(self, samples: list[Sample]) -> list[RewardResult]:
         slices = split_evenly(len(samples), len(self.workers))

@@ -64,6 +64,12 @@ from cascade_rl.algos.policy_loss import TOKEN_WEIGHTED_METRICS, compute_policy_
 from cascade_rl.seeding import derive_seed
 from cascade_rl.types import PairBatch, SequenceBatch, WorkerSpec
 
+from .attention import (
+    VARLEN_ATTENTION,
+    auto_micro_batch_tokens,
+    free_device_bytes,
+    packed_attention_kwargs,
+)
 from .faults import is_memory_text, learner_oom_message
 from .learner_batches import (
     ImageInputs,
@@ -77,11 +83,11 @@ from .learner_batches import (
     sequence_units,
 )
 from .learner_checkpoint import COMPLETE, LearnerCheckpointMixin  # noqa: F401  (COMPLETE re-exported)
-from .learner_setup import VARLEN_ATTENTION, LearnerSetupMixin  # noqa: F401  (re-exported)
+from .learner_setup import PACKED_ATTENTION, LearnerSetupMixin  # noqa: F401  (re-exported)
 
 LOGPROB_CHUNK_TOKENS = 1024  # rows of the LM head per chunk: a float32 (1024 × 151,936) buffer is 622 MB
 DEFAULT_SYNC_BUCKET_BYTES = 256 << 20
-Metrics = dict[str, tuple[float, float]]  # name -> (value, weight of that value in the step's mean)
+Metrics = dict[str, tuple[float | Tensor, float]]  # name -> (value, weight of that value in the step's mean)
 LossFn = Callable[[MicroBatch, list[Tensor], list[Tensor]], tuple[Tensor, Metrics]]
 
 
@@ -98,6 +104,8 @@ class LearnerSpec(WorkerSpec):
     lr_schedule: str
     grad_clip: float  # <= 0 disables clipping
     micro_batch_tokens: int
+    auto_micro_batch_tokens: bool  # GPU: raise the budget to what free memory holds (attention.py)
+    shared_gpu_reserve_fraction: float  # derived: share of the GPU a colocated engine takes back when it wakes
     gradient_checkpointing: bool
     offload_optimizer: bool
     attn_implementation: str
@@ -126,6 +134,7 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
         self._images = ImageInputs(spec.model_path, self.model.config, spec.max_tiles) if spec.is_vlm else None
         self._sync_names: dict[str, str] | None = None
         self.packing_check_diff: float | None = None  # log-prob change from a packed neighbour (self-check)
+        self._auto_budget_done = False
         self._packed = self._choose_packing()
 
     # ------------------------------------------------------------------ log-probs (no gradient)
@@ -133,14 +142,22 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
     @torch.no_grad()
     def compute_logprobs(self, batch: SequenceBatch) -> list[list[float]]:
         """Log-probs of each response token under the current policy (one list per sequence)."""
-        out: list[list[float] | None] = [None] * len(batch)
+        out: list[list[float]] = [[] for _ in range(len(batch))]
         self.engine.module.eval()
+        units: list[int] = []
+        parts: list[Tensor] = []  # kept on the device: one copy to the host at the end, none per micro-batch
+        lengths: list[int] = []
         for mb in self._micro_batches(sequence_units(batch), images=batch.images):
             with self._oom_guard(mb, "compute_logprobs"):
                 lps, _, _ = self._forward(mb, need_vision=self.spec.zero_stage == 3)
             for u, lp in zip(mb.units, lps, strict=False):
+                units.append(u)
+                parts.append(lp)
+                lengths.append(lp.numel())
+        if parts:
+            for u, lp in zip(units, torch.cat(parts).cpu().split(lengths), strict=True):
                 out[u] = lp.tolist()
-        return [x if x is not None else [] for x in out]
+        return out
 
     @torch.no_grad()
     def compute_pair_logps(self, batch: PairBatch) -> tuple[list[float], list[float]]:
@@ -164,16 +181,17 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
 
         def step(mb: MicroBatch, lps: list[Tensor], ents: list[Tensor]) -> tuple[Tensor, Metrics]:
             logprobs, mask = pad_rows(lps)  # (B, T)
-            old, _ = pad_rows([torch.tensor(batch.old_logprobs[u], dtype=torch.float32, device=self.device)
-                               for u in mb.units])  # (B, T)
-            adv = torch.tensor([batch.advantages[u] for u in mb.units], dtype=torch.float32,
-                               device=self.device)  # (B,)
+            old_cpu, _ = pad_rows([torch.tensor(batch.old_logprobs[u], dtype=torch.float32)
+                                   for u in mb.units])  # (B, T), built on the host
+            old = self._to_device(old_cpu)
+            adv = self._to_device(torch.tensor([batch.advantages[u] for u in mb.units], dtype=torch.float32))  # (B,)
             value, metrics = compute_policy_loss(
                 loss, logprobs, old, adv, mask, clip_low=clip_low, clip_high=clip_high,
                 num_global_seqs=num_global_seqs, num_global_tokens=num_global_tokens)
-            num_tokens = int(mask.sum())
-            out = {name: (float(v), num_tokens if name in by_tokens else mb.num_seqs) for name, v in metrics.items()}
-            out["entropy"] = (float(torch.cat(ents).sum()) / max(num_tokens, 1), num_tokens)
+            # metrics stay 0-d device tensors (MetricAccumulator reads them once per step): no host sync here
+            num_tokens = sum(mb.response_lengths)
+            out: Metrics = {name: (v, num_tokens if name in by_tokens else mb.num_seqs) for name, v in metrics.items()}
+            out["entropy"] = (torch.cat(ents).sum() / max(num_tokens, 1), num_tokens)
             return value, out
 
         return self._train_step(sequence_units(batch), batch.images, "train_policy", step, want_entropy=True)
@@ -235,7 +253,7 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
                     continue
                 value, metrics = loss_fn(mb, lps, ents)
                 self._backward(value + aux)
-            acc.add_sum("loss", float(value.detach()))
+            acc.add_sum("loss", value.detach())
             for name, (v, weight) in metrics.items():
                 acc.add(name, v, weight)
             acc.add_sum("num_tokens", float(mb.num_tokens))
@@ -306,6 +324,17 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
 
     def _training_micro_batches(self, units: list[list[tuple[list[int], list[int]]]],
                                 images: list[list[str]] | None, where: str) -> list[MicroBatch]:
+        if self.spec.auto_micro_batch_tokens and self.device.type == "cuda" and not self._auto_budget_done:
+            # measured at the first training step, when a colocated engine sleeps as it will in every step
+            # the caching allocator keeps what it once held: leave a waking engine its share and the sync buffers
+            self._auto_budget_done = True
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            self.spec.micro_batch_tokens = auto_micro_batch_tokens(
+                self.model.config, free_bytes=free_device_bytes(self.device), floor=self.spec.micro_batch_tokens,
+                dtype_bytes=2 if self.spec.dtype == "bfloat16" else 4,
+                gradient_checkpointing=self.spec.gradient_checkpointing,
+                reserve_bytes=int(self.spec.shared_gpu_reserve_fraction * total) + weight_bytes)
         micro_batches = self._micro_batches(units, images=images)
         if not micro_batches:  # the count is a max over ranks, so every rank raises together
             raise ValueError(f"{where} got an empty batch on every learner rank; an optimizer step needs data")
@@ -319,10 +348,12 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
         backward touches the same parameters (ZeRO reduces per pass) and ZeRO-3 gathers stay in step.
         """
         dev = self.device
-        kwargs: dict[str, Any] = {"input_ids": mb.input_ids.to(dev), "position_ids": mb.position_ids.to(dev),
-                                  "use_cache": False}
+        kwargs: dict[str, Any] = {"input_ids": self._to_device(mb.input_ids),
+                                  "position_ids": self._to_device(mb.position_ids), "use_cache": False}
         if mb.attention_mask is not None:
-            kwargs["attention_mask"] = mb.attention_mask.to(dev)
+            kwargs["attention_mask"] = self._to_device(mb.attention_mask)
+        elif self.model.config._attn_implementation == VARLEN_ATTENTION:  # boundaries from the host's packing
+            kwargs.update(packed_attention_kwargs(mb.position_ids, dev))
         aux = torch.zeros((), device=dev)
         if self.spec.is_vlm:
             if mb.images:
@@ -331,7 +362,7 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
                 dummy = self._images.dummy_pixel_values().to(dev, self.model.dtype)
                 feats = self.model.get_image_features(pixel_values=dummy).pooler_output
                 aux = feats.float().sum() * 0.0
-        pos, tgt = mb.target_positions.to(dev), mb.targets.to(dev)
+        pos, tgt = self._to_device(mb.target_positions), self._to_device(mb.targets)
         if self._hidden_path:
             hidden = self.model.base_model(**kwargs).last_hidden_state  # (R, L, H)
             h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)  # (N, H)
@@ -345,6 +376,13 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
         lp, ent = res if want_entropy else (res, None)
         lps = split_by_lengths(lp, mb.response_lengths)
         return lps, (split_by_lengths(ent.detach(), mb.response_lengths) if ent is not None else []), aux
+
+    def _to_device(self, t: Tensor) -> Tensor:
+        """A host tensor on this rank's device; on CUDA through pinned memory, so the host does not wait for the
+        GPU's queue (a pageable copy would)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _backward(self, loss: Tensor) -> None:
         # DeepSpeed averages gradients over ranks; the loss is already normalised by global counts

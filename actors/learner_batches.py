@@ -96,7 +96,8 @@ class MetricAccumulator:
     """Per-step metrics over micro-batches and ranks: weighted means, sums, and ``*_min`` / ``*_max`` extremes.
 
     ``reduce`` is collective: every rank calls it, also a rank that saw only dummy micro-batches (the key sets
-    are merged first, so ranks need not have seen the same metrics).
+    are merged first, so ranks need not have seen the same metrics). Values may be floats or 0-d tensors on the
+    device: tensors are summed on the device and read back once, in ``reduce`` (no host sync per micro-batch).
     """
 
     def __init__(self) -> None:
@@ -104,19 +105,35 @@ class MetricAccumulator:
         self.weights: dict[str, float] = {}  # name -> Σ weight (means only)
         self.extremes: dict[str, float] = {}  # name -> running min / max
 
-    def add(self, name: str, value: float, weight: float) -> None:
+    def add(self, name: str, value: float | Tensor, weight: float) -> None:
         if name.endswith("_min") or name.endswith("_max"):
             if weight > 0:
-                pick = min if name.endswith("_min") else max
-                self.extremes[name] = pick(self.extremes.get(name, value), value)
+                old = self.extremes.get(name)
+                if old is None:
+                    self.extremes[name] = value
+                elif isinstance(value, Tensor) or isinstance(old, Tensor):
+                    pick = torch.minimum if name.endswith("_min") else torch.maximum
+                    self.extremes[name] = pick(torch.as_tensor(old), torch.as_tensor(value))
+                else:
+                    self.extremes[name] = min(old, value) if name.endswith("_min") else max(old, value)
             return
         self.sums[name] = self.sums.get(name, 0.0) + value * weight
         self.weights[name] = self.weights.get(name, 0.0) + weight
 
-    def add_sum(self, name: str, value: float) -> None:
+    def add_sum(self, name: str, value: float | Tensor) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + value
 
+    def _read_back(self) -> None:
+        """Tensor values → floats with one device-to-host copy."""
+        slots = [(d, k) for d in (self.sums, self.extremes) for k, v in d.items() if isinstance(v, Tensor)]
+        if slots:
+            dev = slots[0][0][slots[0][1]].device
+            values = torch.stack([d[k].detach().float().reshape(()).to(dev) for d, k in slots]).tolist()
+            for (d, k), v in zip(slots, values, strict=True):
+                d[k] = v
+
     def reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
+        self._read_back()
         keys_sum, keys_ext = sorted(self.sums), sorted(self.extremes)
         if world_size > 1:
             import torch.distributed as dist

@@ -15,9 +15,10 @@ import torch
 
 from cascade_rl.algos.packing import build_micro_batch
 
+from .attention import VARLEN_ATTENTION, register_varlen_attention, varlen_available
 from .learner_batches import build_ds_config, freeze_parameters
 
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # cost Σ len² on packed rows
+PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", VARLEN_ATTENTION)  # Σ len² cost
 
 
 class LearnerSetupMixin:
@@ -91,6 +92,9 @@ class LearnerSetupMixin:
         return model
 
     def _attn_implementation(self) -> str:
+        if self.spec.attn_implementation == "varlen" or (self.spec.attn_implementation == "auto"
+                                                          and varlen_available(self.device)):
+            return register_varlen_attention()
         if self.spec.attn_implementation != "auto":
             return self.spec.attn_implementation
         if self.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
@@ -123,7 +127,7 @@ class LearnerSetupMixin:
         than padded rows of similar lengths), so ``auto`` pads there.
         """
         attn = self.model.config._attn_implementation
-        want = self.spec.packing == "packed" or (self.spec.packing == "auto" and attn in VARLEN_ATTENTION)
+        want = self.spec.packing == "packed" or (self.spec.packing == "auto" and attn in PACKED_ATTENTION)
         if not want:
             return False
         ok = self._packing_isolates_sequences()

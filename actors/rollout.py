@@ -261,6 +261,10 @@ class VLLMBackend:
         self.llm.collective_rpc("cascade_end_shared_load")
         self.llm.reset_prefix_cache()
 
+    def load_persistent(self, buffers: list[Any] | None) -> None:
+        self.llm.collective_rpc("cascade_load_persistent", args=(buffers,))
+        self.llm.reset_prefix_cache()
+
     def num_sync_ranks(self) -> int:
         return self.llm.llm_engine.vllm_config.parallel_config.world_size
 
@@ -403,6 +407,12 @@ class RolloutWorker:
 
     def end_shared_load(self, version: int) -> None:
         self._vllm("CUDA IPC weight sync").end_shared_load()
+        self._version = version
+
+    def load_persistent(self, buffers: list[Any] | None, version: int) -> None:
+        """CUDA IPC from the learner's persistent buffers (``weight_sync.PersistentBuffers``); ``None``: already
+        mapped by an earlier call."""
+        self._vllm("CUDA IPC weight sync").load_persistent(buffers)
         self._version = version
 
     def _vllm(self, what: str) -> VLLMBackend:

@@ -1,6 +1,6 @@
 """Weight sync learner → rollout engines, version-tagged by the caller.
 
-Three paths, chosen by ``RolloutGroup.sync_from``:
+Three paths; the driver side of each is one class in ``sync_paths.py``, chosen once per pair of groups:
 
 - **Object store** (CPU; the HF backend; any layout the other two don't cover). Learner rank 0 returns
   ``(name, tensor)`` pairs (all ranks take part: ZeRO-3 gathers are collective); the driver passes that one
@@ -12,9 +12,10 @@ Three paths, chosen by ``RolloutGroup.sync_from``:
 - **NCCL** (GPU, learner and vLLM on different GPUs; vLLM's RLHF example pattern). One group: rank 0 is learner
   rank 0, ranks ``1..`` the vLLM worker processes (``rank_offset`` + vLLM rank), made with vLLM's
   ``StatelessProcessGroup`` + ``PyNcclCommunicator`` so it does not touch either side's default process group.
-  The learner packs ≤ ``bucket_mb`` of parameters into one flat uint8 buffer per bucket, sends the bucket's
-  ``(name, dtype, shape)`` list over the group's TCP store (``broadcast_obj``) and the buffer with an NCCL
-  broadcast; ``None`` ends the stream. Receivers unflatten views and feed a lazy iterator to ``reload_weights``,
+  The learner packs ≤ ``bucket_mb`` of parameters into one flat uint8 buffer per bucket and sends it with an
+  NCCL broadcast. Each sync starts with one small header (the bucket size) over the group's TCP store
+  (``broadcast_obj``); only the first sync of a group with that bucket size also sends each bucket's
+  ``(name, dtype, shape)`` list (``None`` ends it), which both sides keep for the later syncs. Receivers unflatten views and feed a lazy iterator to ``reload_weights``,
   so a bucket is freed once loaded and peak extra memory is one bucket.
 - **CUDA IPC** (GPU, colocated: learner rank i and vLLM worker i share GPU i, where NCCL refuses two ranks on one
   device). Every learner rank paired with a worker flattens each bucket as above and hands its worker a CUDA IPC
@@ -22,7 +23,10 @@ Three paths, chosen by ``RolloutGroup.sync_from``:
   vLLM process maps the same memory (``rebuild_cuda_tensor``), loads views of it between vLLM's
   ``initialize_layerwise_reload`` / ``finalize_layerwise_reload`` and synchronises before the learner frees the
   bucket. No bytes leave the GPU; peak extra memory is one bucket. torch's IPC reference counting keeps a
-  buffer alive while the receiver still maps it.
+  buffer alive while the receiver still maps it. That is ``RolloutGroup.ipc_mode="buckets"``; the default
+  ``"persistent"`` keeps one flat buffer per dtype holding every weight on each paired learner rank
+  (``PersistentBuffers``: one extra copy of the weights in GPU memory), which the worker maps once; a sync is then
+  one fused copy into the buffers, one wait, and one reload call on the worker (``cascade_load_persistent``).
 
 ``WeightSyncExtension`` is mixed into vLLM's worker class (``LLM(worker_extension_cls=EXTENSION_QUALNAME)``);
 ``WeightSender`` is mixed into the learner actor by ``group.py``. GPU code here is exercised only by the
@@ -150,6 +154,40 @@ def unflatten_bucket(meta: BucketMeta, flat: Any) -> list[tuple[str, Any]]:
     return out
 
 
+class PersistentBuffers:
+    """Every weight of one learner rank in one flat uint8 GPU buffer per dtype, laid out once (``bucket_layout``)
+    and reused by every sync: a sync copies the weights in (``torch._foreach_copy_``) and the colocated engine,
+    which mapped the buffers once through CUDA IPC, reads them. Costs one extra copy of the weights in GPU
+    memory; buys a sync with no allocation, no per-bucket handle and one wait in all."""
+
+    def __init__(self, layout: list[tuple[str, str, tuple[int, ...]]], device: Any) -> None:
+        import torch
+
+        by_dtype: dict[str, BucketMeta] = {}
+        for name, dtype, shape in layout:
+            by_dtype.setdefault(dtype, []).append((name, dtype, shape))
+        self.metas = list(by_dtype.values())
+        self.flats = [torch.empty(bucket_layout(m)[1], dtype=torch.uint8, device=device) for m in self.metas]
+        self.views = {n: t for m, f in zip(self.metas, self.flats, strict=True) for n, t in unflatten_bucket(m, f)}
+        self.nbytes = sum(int(f.numel()) for f in self.flats)
+        self._handles: list[tuple[BucketMeta, bytes]] | None = None
+
+    def copy_in(self, bucket: list[tuple[str, Any]]) -> None:
+        import torch
+
+        missing = [n for n, _ in bucket if n not in self.views]
+        if missing:
+            raise RuntimeError(f"CUDA IPC weight sync: weights {missing[:3]} are not in the persistent buffers "
+                               "laid out at the first sync (the model's parameters changed)")
+        torch._foreach_copy_([self.views[n] for n, _ in bucket], [t.detach() for _, t in bucket])
+
+    def handles(self) -> list[tuple[BucketMeta, bytes]]:
+        """``(meta, share_bucket payload)`` per buffer, made once."""
+        if self._handles is None:
+            self._handles = [(m, share_bucket(f)) for m, f in zip(self.metas, self.flats, strict=True)]
+        return self._handles
+
+
 def gpu_uuid(device: Any) -> str:
     """The physical GPU's UUID (the same in every process, whatever its ``CUDA_VISIBLE_DEVICES``)."""
     import torch
@@ -269,16 +307,28 @@ class WeightSyncExtension:
 
         rank = rank_offset + get_world_group().rank
         self._cascade_sync = init_nccl_group(master_addr, master_port, rank, world_size, self.device)
+        self._cascade_layouts: dict[Any, list[BucketMeta]] = {}  # bucket metadata per layout key, sent once
 
     def cascade_receive_weights(self) -> int:
         import torch
 
         pg, comm = self._cascade_sync
         count = 0
+        key = pg.broadcast_obj(None, src=0)  # the learner's layout key (its bucket size)
+
+        def metas() -> Iterator[BucketMeta]:
+            if key in self._cascade_layouts:  # a layout seen before: buffers only
+                yield from self._cascade_layouts[key]
+                return
+            layout = []
+            while (meta := pg.broadcast_obj(None, src=0)) is not None:
+                layout.append(meta)
+                yield meta
+            self._cascade_layouts[key] = layout
 
         def stream() -> Iterator[tuple[str, Any]]:
             nonlocal count
-            while (meta := pg.broadcast_obj(None, src=0)) is not None:
+            for meta in metas():
                 flat = torch.empty(bucket_layout(meta)[1], dtype=torch.uint8, device=self.device)
                 comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
                 count += len(meta)
@@ -305,6 +355,29 @@ class WeightSyncExtension:
         torch.cuda.synchronize()  # every copy out of the learner's buffer is done before the learner frees it
         del flat
         return len(meta)
+
+    def cascade_load_persistent(self, buffers: list[tuple[BucketMeta, bytes]] | None) -> int:
+        """Reload every weight from the learner's persistent buffers (``PersistentBuffers``): ``buffers`` maps
+        them (first sync, or after this process restarted); ``None`` reuses the mapping of an earlier call."""
+        import torch
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+
+        if buffers is not None:
+            self._cascade_persistent = [pair for meta, payload in buffers
+                                        for pair in unflatten_bucket(meta, open_shared_bucket(payload, self.device))]
+        views = getattr(self, "_cascade_persistent", None)
+        if views is None:
+            raise RuntimeError("CUDA IPC weight sync: no persistent buffers mapped in this vLLM worker yet")
+        model, model_config = _model_and_config(self)
+        _quiet_reload_logger()
+        initialize_layerwise_reload(model)
+        model.load_weights(with_tied_head(iter(views), _tied(self)))
+        finalize_layerwise_reload(model, model_config)
+        torch.cuda.synchronize()  # the learner may overwrite the buffers once this returns
+        return len(views)
 
     def cascade_end_shared_load(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
@@ -358,9 +431,36 @@ class WeightSender:
         torch.cuda.ipc_collect()  # free buffers whose last receiver let go only now
         return {"sync_bytes": float(total), "sync_s": time.perf_counter() - t0}
 
+    def stage_weights_ipc(self, paired: bool, bucket_mb: int = DEFAULT_BUCKET_MB) -> dict[str, Any]:
+        """CUDA IPC path, persistent buffers: copy this rank's weights into one flat buffer per dtype (allocated at
+        the first call, then reused), wait for the copies, and return the buffers' ``(meta, IPC handle)`` list
+        (a paired worker maps them once) with ``{"sync_bytes", "sync_s"}``. Every rank iterates its weights
+        (ZeRO-3 gathers are collective); an unpaired rank copies nothing."""
+        import torch
+
+        t0 = time.perf_counter()
+        buffers = getattr(self, "_ipc_buffers", None)
+        for bucket in self.named_weights_for_sync(bucket_mb << 20, device=self.device, all_ranks=True):
+            if not paired or not bucket:
+                continue
+            if buffers is None:
+                buffers = self._ipc_buffers = PersistentBuffers(self._ipc_layout(bucket_mb), self.device)
+            buffers.copy_in(bucket)
+        if buffers is None:
+            return {"buffers": [], "sync_bytes": 0.0, "sync_s": time.perf_counter() - t0}
+        torch.cuda.current_stream().synchronize()  # the one wait: the engine reads these bytes next
+        return {"buffers": buffers.handles(), "sync_bytes": float(buffers.nbytes), "sync_s": time.perf_counter() - t0}
+
+    def _ipc_layout(self, bucket_mb: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(checkpoint name, dtype, full shape) of every weight, in sync order (no data is touched)."""
+        return [(n, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+                for bucket in self.named_weights_for_sync(bucket_mb << 20, device="meta", all_ranks=True)
+                for n, t in bucket]
+
     def init_weight_sync(self, master_addr: str, master_port: int, world_size: int) -> None:
         """NCCL path, rank 0 only: join the sync group as its rank 0."""
         self._cascade_sync = init_nccl_group(master_addr, master_port, 0, world_size, self.device)
+        self._cascade_layouts: dict[Any, list[BucketMeta]] = {}  # per bucket size, sent with its first sync only
 
     def broadcast_weights(self, bucket_mb: int = DEFAULT_BUCKET_MB) -> dict[str, float]:
         """NCCL path: every rank iterates its weights (ZeRO-3 gathers); rank 0 broadcasts them bucket by bucket.
@@ -371,14 +471,29 @@ class WeightSender:
         sender = getattr(self, "_cascade_sync", None) if self.rank == 0 else None
         if self.rank == 0 and sender is None:
             raise RuntimeError("broadcast_weights before init_weight_sync: the rollout side would wait forever")
+        layouts = getattr(self, "_cascade_layouts", {})
+        layout = layouts.get(bucket_mb)
+        first = layout is None
+        if sender is not None:  # one small header per sync; the bucket metadata only the first time per layout
+            sender[0].broadcast_obj(bucket_mb, src=0)
+        sent: list[BucketMeta] = []
         for bucket in self.named_weights_for_sync(bucket_mb << 20, device=self.device):
             if sender is None or not bucket:
                 continue
             meta, flat = flatten_bucket(bucket)
-            sender[0].broadcast_obj(meta, src=0)
+            if first:  # metadata goes over the TCP store once per group; later syncs send buffers only
+                sender[0].broadcast_obj(meta, src=0)
+            elif len(sent) >= len(layout) or meta != layout[len(sent)]:
+                raise RuntimeError("NCCL weight sync: the weights' bucket layout changed since the first sync "
+                                   "(another bucket_mb, or other parameters); the receivers expect the first one")
+            sent.append(meta)
             sender[1].broadcast(flat, src=0, stream=torch.cuda.current_stream())
             total += flat.numel()
         if sender is not None:
-            sender[0].broadcast_obj(None, src=0)
+            if first:
+                sender[0].broadcast_obj(None, src=0)
+                layouts[bucket_mb] = sent
+            elif len(sent) != len(layout):
+                raise RuntimeError(f"NCCL weight sync: {len(sent)} buckets, the first sync sent {len(layout)}")
             torch.cuda.synchronize()
         return {"sync_bytes": float(total), "sync_s": time.perf_counter() - t0}

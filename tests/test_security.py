@@ -159,7 +159,7 @@ def test_run_dir_is_created_owner_only_and_the_recipe_can_widen_it(tmp_path: Pat
     from cascade_rl.config_checks import validate
     from cascade_rl.stages import driver
 
-    monkeypatch.setattr(driver, "_start", lambda cfg, run_dir: (_ for _ in ()).throw(RuntimeError("stop here")))
+    monkeypatch.setattr(driver, "_start", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
     for mode, want in (("0700", 0o700), ("0750", 0o750)):
         run_dir = tmp_path / mode / "run"
         cfg = load_recipe(ROOT / "recipes" / "tiny_cascade.yaml", [f"run_dir={run_dir}", f"run_dir_mode='{mode}'"])

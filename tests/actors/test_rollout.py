@@ -196,8 +196,10 @@ def test_hf_backend_serves_the_tiny_vlm_with_images(make_rollout_spec: Any, tiny
         assert image_id not in g.token_ids  # image placeholders are never sampled
     image_seq = worker.engine.model.config.image_seq_length
     first = {g.prompt_index: g for g in out.generations if g.sample_index == 0}
-    assert first[0].prompt_token_ids.count(image_id) == image_seq  # expanded once per image
-    assert first[2].prompt_token_ids.count(image_id) == image_seq
+    for k in (0, 2):  # expanded once per tile of InternVL's dynamic tiling, the tile count logged with it
+        assert len(first[k].image_tiles) == 1 and first[k].image_tiles[0] >= 1
+        assert first[k].prompt_token_ids.count(image_id) == image_seq * first[k].image_tiles[0]
+    assert first[0].image_sha256 != first[2].image_sha256  # two different files, two content hashes
     assert image_id not in first[1].prompt_token_ids  # the text-only prompt
     with pytest.raises(FileNotFoundError, match="missing.png"):
         worker.generate([([{"role": "user", "content": "x"}], [str(tmp_path / "missing.png")])], 1)

@@ -170,7 +170,7 @@ class FakeTracker:
 
 
 class FakeEncoder:
-    def prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+    def prompt(self, messages: list[dict[str, Any]], images: Any = ()) -> list[int]:
         return [1, 2]
 
     def response(self, text: str, *, add_eos: bool = True) -> list[int]:

@@ -16,6 +16,7 @@ from tests.e2e_cli import SMALL_HF, CliRun, check_consistent, complete_steps, re
 
 
 def test_first_signal_asks_second_stops_at_once() -> None:
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under a background shell
     stop = GracefulStop().install()
     try:
         stop.check()  # nothing asked yet
@@ -27,7 +28,7 @@ def test_first_signal_asks_second_stops_at_once() -> None:
             os.kill(os.getpid(), signal.SIGTERM)  # the second signal: at once
     finally:
         stop.uninstall()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the handler it replaced is back
 
 
 def test_step_lines_show_key_metrics_once_per_step(capsys) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from cascade_rl.algos.packing import build_micro_batch
 
-from .attention import VARLEN_ATTENTION, register_varlen_attention, varlen_available
+from .attention import VARLEN_ATTENTION, choose_attention
 from .learner_batches import build_ds_config, freeze_parameters
 
 PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", VARLEN_ATTENTION)  # Σ len² cost
@@ -92,14 +92,7 @@ class LearnerSetupMixin:
         return model
 
     def _attn_implementation(self) -> str:
-        if self.spec.attn_implementation == "varlen" or (self.spec.attn_implementation == "auto"
-                                                          and varlen_available(self.device)):
-            return register_varlen_attention()
-        if self.spec.attn_implementation != "auto":
-            return self.spec.attn_implementation
-        if self.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-        return "sdpa"
+        return choose_attention(self.spec.attn_implementation, self.spec.dtype, self.device)
 
     def _build_engine(self) -> Any:
         import deepspeed

@@ -133,6 +133,26 @@ def explain_engine_error(exc: BaseException, spec: RolloutSpec, on_gpu: bool) ->
 # ------------------------------------------------------------------------------------------------ vLLM
 
 
+
+def engine_kwargs(spec: RolloutSpec, on_gpu: bool, image_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments (``vllm.EngineArgs`` fields) for ``spec``; ``image_kwargs``: the renderer's
+    tiling, so vLLM tiles images exactly as the learner does."""
+    kwargs: dict[str, Any] = dict(
+        model=spec.model_path, dtype=spec.dtype, seed=spec.seed, enforce_eager=spec.enforce_eager,
+        max_model_len=spec.max_prompt_tokens + spec.max_response_tokens,
+        worker_extension_cls=EXTENSION_QUALNAME, disable_log_stats=True)
+    if on_gpu:
+        kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization, enable_sleep_mode=spec.sleep_when_idle)
+    else:
+        # A chunked prefill rewinds the request's seeded generator by offset, which CPU generators lack
+        # ("CPU Generator does not use offset"): schedule whole prompts only.
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(kwargs["max_model_len"], 8192))
+    if spec.is_vlm:
+        kwargs["limit_mm_per_prompt"] = {"image": spec.max_images_per_prompt}
+        if image_kwargs:
+            kwargs["mm_processor_kwargs"] = image_kwargs
+    return kwargs
+
 class VLLMBackend:
     """``vllm.LLM`` in this process (its engine core and workers are child processes)."""
 
@@ -153,21 +173,7 @@ class VLLMBackend:
         from vllm import LLM
 
         self.renderer = PromptRenderer(spec.model_path, max_tiles=spec.max_tiles, is_vlm=spec.is_vlm)
-        kwargs: dict[str, Any] = dict(
-            model=spec.model_path, dtype=spec.dtype, seed=spec.seed, enforce_eager=spec.enforce_eager,
-            max_model_len=spec.max_prompt_tokens + spec.max_response_tokens,
-            worker_extension_cls=EXTENSION_QUALNAME, disable_log_stats=True)
-        if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization, sleep_when_idle_mode=spec.sleep_when_idle)
-        else:
-            # A chunked prefill rewinds the request's seeded generator by offset, which CPU generators lack
-            # ("CPU Generator does not use offset"): schedule whole prompts only.
-            kwargs.update(enable_chunked_prefill=False,
-                          max_num_batched_tokens=max(kwargs["max_model_len"], 8192))
-        if spec.is_vlm:
-            kwargs["limit_mm_per_prompt"] = {"image": spec.max_images_per_prompt}
-            if self.renderer.image_kwargs:  # vLLM tiles images exactly as the renderer (and the learner) do
-                kwargs["mm_processor_kwargs"] = self.renderer.image_kwargs
+        kwargs = engine_kwargs(spec, self.on_gpu, self.renderer.image_kwargs)
         try:
             self.llm = LLM(**kwargs)
         except Exception as exc:

@@ -164,3 +164,18 @@ def test_fused_path_calls_the_kernel_causally_with_matching_heads() -> None:
     out = _fused(kernel, *(t.transpose(1, 2).reshape(10, -1, 8) for t in (q, k, v)), cu, 6, None)
     assert seen == {"heads": (4, 4), "window": (-1, 0), "max": (6, 6)}
     torch.testing.assert_close(out[None], _alone(q, k, v, lengths), atol=1e-6, rtol=0)
+
+
+def test_auto_attention_keeps_flash_kernels_to_half_precision() -> None:
+    """FlashAttention takes bf16/fp16 only: a float32 run on CUDA gets sdpa from ``auto`` (it used to get varlen
+    and fail in the first forward), and an explicit varlen/flash request is refused naming both keys."""
+    from cascade_rl.actors.attention import choose_attention
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert choose_attention("auto", "float32", cuda) == "sdpa"  # no flash_attn package in the test env
+    assert choose_attention("auto", "bfloat16", cpu) == "sdpa"
+    assert choose_attention("eager", "float32", cuda) == "eager"
+    assert choose_attention("varlen", "float32", cpu) == VARLEN_ATTENTION  # CPU reference runs in any dtype
+    for requested in ("varlen", "flash_attention_2"):
+        with pytest.raises(ValueError, match=r"model.dtype is float32.*learner.attn_implementation=sdpa"):
+            choose_attention(requested, "float32", cuda)

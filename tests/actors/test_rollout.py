@@ -83,6 +83,24 @@ def test_generate_result_concat_offsets_prompt_indices() -> None:
     assert out.num_prompts == 5 and out.num_output_tokens == 20 and out.generate_s == 2.0 and out.policy_version == 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm")
+def test_engine_kwargs_are_vllm_engine_args_on_gpu_and_cpu(make_rollout_spec: Any) -> None:
+    """Every key handed to ``vllm.LLM`` is an ``EngineArgs`` field, on both sides (a renamed one used to reach
+    vLLM only on the GPU and fail there: ``sleep_when_idle_mode``)."""
+    import dataclasses
+
+    from cascade_rl.actors.rollout import engine_kwargs
+    from vllm import EngineArgs
+
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    spec = make_rollout_spec("/m", is_vlm=True, sleep_when_idle=True, gpu_memory_utilization=0.3)
+    gpu = engine_kwargs(spec, True, {"max_patches": 4})
+    assert set(gpu) <= fields and set(engine_kwargs(spec, False, None)) <= fields
+    assert gpu["enable_sleep_mode"] is True and gpu["gpu_memory_utilization"] == 0.3
+    assert gpu["max_model_len"] == spec.max_prompt_tokens + spec.max_response_tokens
+    assert gpu["mm_processor_kwargs"] == {"max_patches": 4}
+
+
 def test_unknown_backend_is_refused(make_rollout_spec: Any) -> None:
     # the spec is built from the recipe, whose loader refuses the value and names the key
     with pytest.raises(ValueError, match="rollout.backend.*'sglang'"):

@@ -18,6 +18,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 REDACTED = "***REDACTED***"
@@ -113,14 +114,24 @@ def ray_token_path() -> str:
 def tighten_ray_token() -> bool:
     """Make this user's Ray token file 0600 (Ray writes it 0644); True when the mode was changed. A file of
     another owner is left alone (its owner's Ray keeps working), as is a missing one."""
-    path = ray_token_path()
+    return _owner_only(ray_token_path(), 0o600)
+
+
+def tighten_ray_session(session_dir: str | os.PathLike) -> bool:
+    """Make the session folder of a Ray instance this run started 0700 (Ray creates it 0755 under /tmp/ray:
+    worker logs, which hold prompts and tracebacks, and its sockets). True when the mode was changed."""
+    return _owner_only(Path(session_dir), 0o700)
+
+
+def _owner_only(path: str | os.PathLike, mode: int) -> bool:
+    """chmod ``path`` to ``mode`` when this user owns it and group/others have any access; else leave it."""
     try:
         st = os.stat(path)
     except OSError:
         return False
     if st.st_uid != os.getuid() or not stat.S_IMODE(st.st_mode) & 0o077:
         return False
-    os.chmod(path, 0o600)
+    os.chmod(path, mode)
     return True
 
 

@@ -403,7 +403,7 @@ def outside_math(sample, **kwargs):
 """
 
 LOCAL_PROBE = """
-import sys, psutil, ray
+import os, sys, psutil, ray
 from cascade_rl.config import load_recipe
 from cascade_rl.stages.workers import init_ray
 cfg = load_recipe(sys.argv[1], ["ray.num_cpus=1", "ray.object_store_mb=100", *sys.argv[2:]])
@@ -412,6 +412,8 @@ me = psutil.Process()
 ours = {p.pid for p in me.children(recursive=True)} | {me.pid}
 ports = sorted({c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours})
 print("PROBE", where, ray.get_runtime_context().gcs_address, int(ray.cluster_resources()["CPU"]), ports)
+session = ray._private.worker.global_worker.node.get_session_dir_path()
+print("SESSION_MODE", oct(os.stat(session).st_mode & 0o777))
 ray.shutdown()
 """
 
@@ -422,6 +424,8 @@ def _probe(head: Head, *overrides: str, **env: str) -> tuple[str, str, int, list
                           *overrides], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     line = re.search(r"^PROBE (\S+) (\S+) (\d+) \[(.*)\]$", out.stdout, re.M)
     assert line, out.stdout[-3000:] + out.stderr[-3000:]
+    if line[1] == "local":  # a session folder this run created is owner only (Ray makes it 0755)
+        assert re.search(r"^SESSION_MODE 0o700$", out.stdout, re.M), out.stdout[-2000:]
     return line[1], line[2], int(line[3]), [int(p) for p in line[4].split(",") if p.strip()]
 
 

@@ -187,6 +187,20 @@ def test_ray_token_file_is_made_0600_only_when_it_is_ours(tmp_path: Path, monkey
     assert tighten_ray_token() is False and token.read_text() == "t"
 
 
+def test_ray_session_folder_is_made_owner_only(tmp_path: Path) -> None:
+    """Ray creates /tmp/ray/session_* 0755: its worker logs (prompts, tracebacks) were readable by every user."""
+    import stat
+
+    from cascade_rl.security import tighten_ray_session
+
+    session = tmp_path / "session_2026-12-07_00-00-00_1"
+    assert tighten_ray_session(session) is False  # missing: nothing created
+    session.mkdir(mode=0o755)
+    session.chmod(0o755)
+    assert tighten_ray_session(session) is True and stat.S_IMODE(session.stat().st_mode) == 0o700
+    assert tighten_ray_session(session) is False  # already owner only
+
+
 def test_base_pointing_at_a_non_recipe_quotes_only_an_excerpt(tmp_path: Path) -> None:
     from cascade_rl.config import ConfigError
 

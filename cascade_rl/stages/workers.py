@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from ..config import ModelConfig, RecipeConfig, recipe_with
+from ..security import tighten_ray_session
 
 S = TypeVar("S")
 SPEC_SECTIONS = {"LearnerSpec": "learner", "RolloutSpec": "rollout"}  # the recipe section of each worker spec
@@ -65,9 +66,10 @@ def init_ray(cfg: RecipeConfig, verbose: bool = False) -> str:
                  object_store_memory=cfg.ray.object_store_mb * 1024 * 1024, include_dashboard=False,
                  dashboard_host="127.0.0.1", log_to_driver=verbose, configure_logging=verbose,
                  runtime_env={"env_vars": env_vars})
+    session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    tighten_ray_session(session)  # worker logs hold prompts and tracebacks: owner only
     if not verbose:
-        logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
-        print(f"Ray: local instance; worker logs in {logs} (-v streams them here)", flush=True)
+        print(f"Ray: local instance; worker logs in {session / 'logs'} (-v streams them here)", flush=True)
     return "local"
 
 

@@ -1,6 +1,7 @@
 """Rollout logs from elsewhere: convert a JSONL file of (prompt, response, answer, correctness) rows to a log.
 
-One JSON object per line. Column names are arguments, so MMPR-style files (``question``/``response``/``answer``/
+One JSON object per line. Column names are arguments (dotted for nested columns: ``extra_info.question``,
+``reward_model.ground_truth``, as in the prompt tables), so MMPR-style files (``question``/``response``/``answer``/
 ``is_correct``) or another framework's dumps load without editing:
 
 - ``prompt_key`` (required): a string (becomes one user message) or a list of chat messages.
@@ -29,6 +30,7 @@ from typing import Any
 
 from ..types import RolloutRecord
 from .rollout_log import RolloutLogWriter
+from .table import get_key
 
 _TRUE = {"true", "1", "yes", "correct"}
 _FALSE = {"false", "0", "no", "wrong", "incorrect"}
@@ -57,13 +59,13 @@ def _check_columns(path: Path, rows: list[tuple[int, dict[str, Any]]], required:
     """Required columns must be in every row (the error lists line numbers); optional ones warn if in none."""
     seen = sorted(set().union(*(r.keys() for _, r in rows))) if rows else []
     for key, flag in required.items():
-        lines = [n for n, r in rows if r.get(key) is None]
+        lines = [n for n, r in rows if get_key(r, key, None) is None]
         if lines:
             shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
             raise ValueError(f"{path}: column {key!r} is missing or null in {len(lines)} of {len(rows)} rows "
                              f"(lines {shown}); point {flag} at the column that holds it (columns seen: {seen})")
     for key, flag in optional.items():
-        if rows and all(key not in r for _, r in rows):
+        if rows and all(get_key(r, key, None) is None for _, r in rows):
             warnings.warn(f"{path}: no row has column {key!r}; if your file names it differently set {flag} "
                           f"(columns seen: {seen})", stacklevel=3)
 
@@ -111,13 +113,17 @@ def _digest(*parts: str) -> str:
 
 def _to_record(row: dict[str, Any], keys: dict[str, str | None], run_id: str, stage: str, where: str,
                occurrences: Counter) -> RolloutRecord:
-    messages = _messages(row[keys["prompt"]], where)
-    images = _images(row.get(keys["images"]), where)
+    def cell(name: str) -> Any:  # dotted keys reach nested columns (`extra_info.question`)
+        key = keys[name]
+        return None if key is None else get_key(row, key, None)
+
+    messages = _messages(cell("prompt"), where)
+    images = _images(cell("images"), where)
     prompt = json.dumps(messages, ensure_ascii=False)
-    prompt_id = str(row[keys["id"]]) if keys["id"] else "p-" + _digest(prompt, *images)
-    response = str(row[keys["response"]])
-    answer = row.get(keys["answer"])
-    correct = _correct(row.get(keys["correct"]), where)
+    prompt_id = str(cell("id")) if keys["id"] else "p-" + _digest(prompt, *images)
+    response = str(cell("response"))
+    answer = cell("answer")
+    correct = _correct(cell("correct"), where)
     components = row.get("rewards") if isinstance(row.get("rewards"), dict) else {}
     occurrences[(prompt_id, response)] += 1
     return RolloutRecord(
@@ -125,7 +131,7 @@ def _to_record(row: dict[str, Any], keys: dict[str, str | None], run_id: str, st
         run_id=run_id, stage=stage, step=0, policy_version=0, prompt_id=prompt_id, prompt=prompt,
         images=images, ground_truth=None if answer is None else str(answer), response=response,
         prompt_token_ids=[], response_token_ids=[], behaviour_logprobs=[], rewards=json.dumps(components),
-        reward=_reward(row.get(keys["reward"]), correct, where), correct=correct,
+        reward=_reward(cell("reward"), correct, where), correct=correct,
         finish_reason=str(row.get("finish_reason") or "unknown"), num_prompt_tokens=0, num_response_tokens=0,
         generate_s=0.0, error=None)
 

@@ -171,6 +171,24 @@ def test_convert_jsonl_with_renamed_columns(tmp_path: Path) -> None:
     assert recs[2].record_id.endswith("-0") and len({r.record_id for r in recs}) == 4
 
 
+def test_convert_jsonl_reads_nested_columns_by_dotted_keys(tmp_path: Path) -> None:
+    """verl-style dumps nest the question and the ground truth; `logs import` names them as the recipe keys do."""
+    rows = [{"extra_info": {"question": "2+3?", "index": 7}, "response": "5",
+             "reward_model": {"ground_truth": 5}, "eval": {"correct": True, "score": 1.0}},
+            {"extra_info": {"question": "2+3?", "index": 7}, "response": "6",
+             "reward_model": {"ground_truth": 5}, "eval": {"correct": False, "score": 0.25}}]
+    src = _write_jsonl(tmp_path / "in.jsonl", rows)
+    kw = dict(prompt_key="extra_info.question", answer_key="reward_model.ground_truth", correct_key="eval.correct",
+              reward_key="eval.score", id_key="extra_info.index")
+    assert convert_jsonl(src, tmp_path / "log", **kw) == 2
+    recs = read_rollout_log(tmp_path / "log")
+    assert [(r.prompt_id, r.ground_truth, r.correct, r.reward) for r in recs] == [("7", "5", True, 1.0),
+                                                                                 ("7", "5", False, 0.25)]
+    assert recs[0].messages == [{"role": "user", "content": "2+3?"}]
+    with pytest.raises(ValueError, match=r"'extra_info.prompt' is missing or null in 2 of 2 rows"):
+        convert_jsonl(src, tmp_path / "log2", **{**kw, "prompt_key": "extra_info.prompt"})
+
+
 def test_convert_jsonl_missing_column_names_the_rows(tmp_path: Path) -> None:
     rows = [{"prompt": "a", "response": "x"}, {"prompt": "b"}, {"prompt": "c", "response": "z"}, {"prompt": "d"}]
     src = _write_jsonl(tmp_path / "in.jsonl", rows)

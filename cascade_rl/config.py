@@ -113,8 +113,9 @@ class LearnerConfig:
         "auto", "micro-batch layout: packed rows (one row, per-sequence position ids), padded rows, or auto "
                 "(packed with varlen attention: varlen / flash / flex, else padded)")
     attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = doc(
-        "auto", "learner attention: auto = varlen on CUDA (packed rows, torch's FlashAttention varlen kernel, "
-                "actors/attention.py), else sdpa (padded rows); or a transformers attn_implementation")
+        "auto", "learner attention: auto = varlen on CUDA in bfloat16/float16 (packed rows, torch's FlashAttention "
+                "varlen kernel, actors/attention.py), else sdpa (padded rows; float32, CPU); or a transformers "
+                "attn_implementation")
     freeze_vision: bool = doc(False, "VLMs: keep the vision tower fixed (no gradients, no optimizer state, not "
                                      "re-sent in weight sync), as InternVL's RL does")
     freeze_projector: bool = doc(False, "VLMs: keep the vision-to-language projector fixed (as freeze_vision)")

@@ -85,8 +85,12 @@ def packed_attention_kwargs(position_ids: Tensor, device: torch.device) -> dict[
 def varlen_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                              attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                              sliding_window: int | None = None, cu_seq_lens_q: Tensor | None = None,
-                             max_length_q: int | None = None, **kwargs: Any) -> tuple[Tensor, None]:
-    """transformers attention interface: query (B, Hq, L, D), key/value (B, Hkv, L, D) → ((B, L, Hq, D), None)."""
+                             max_length_q: int | None = None, is_causal: bool | None = None,
+                             **kwargs: Any) -> tuple[Tensor, None]:
+    """transformers attention interface: query (B, Hq, L, D), key/value (B, Hkv, L, D) → ((B, L, Hq, D), None).
+
+    Causal unless the layer says otherwise (``is_causal=False`` or ``module.is_causal``, as sdpa reads them): a
+    VLM's vision tower attends bidirectionally within each image tile."""
     if sliding_window is not None:
         raise NotImplementedError(f"{VARLEN_ATTENTION} attention does not implement sliding windows (model "
                                   f"{type(module).__name__}); set learner.attn_implementation=sdpa")
@@ -94,6 +98,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
         raise NotImplementedError(f"{VARLEN_ATTENTION} attention has no dropout; set attention_dropout=0")
     b, hq, length, d = query.shape
     hkv = key.shape[1]
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     if cu_seq_lens_q is None:
         positions = kwargs.get("position_ids")
         if b == 1 and positions is not None and attention_mask is None:  # packed, boundaries not passed: derive
@@ -107,13 +112,14 @@ def varlen_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
     v = value.transpose(1, 2).reshape(b * length, hkv, d)  # (T, Hkv, D)
     kernel = varlen_kernel() if query.device.type == "cuda" else None
     if kernel is not None:
-        out = _fused(kernel, q, k, v, cu_seq_lens_q, int(max_length_q), scaling)
+        out = _fused(kernel, q, k, v, cu_seq_lens_q, int(max_length_q), scaling, causal=causal)
     else:
-        out = _segmentwise(q, k, v, cu_seq_lens_q, scaling)
+        out = _segmentwise(q, k, v, cu_seq_lens_q, scaling, causal=causal)
     return out.reshape(b, length, hq, d), None
 
 
-def _fused(kernel: Any, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float | None) -> Tensor:
+def _fused(kernel: Any, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float | None, *,
+           causal: bool = True) -> Tensor:
     extra: dict[str, Any] = {}
     if k.shape[1] != q.shape[1]:
         if _takes_gqa_flag(kernel):
@@ -121,7 +127,8 @@ def _fused(kernel: Any, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: in
         else:  # older torch: give every query head its own copy of its key/value head
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return kernel(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), **extra)  # (T, Hq, D)
+    window = (-1, 0) if causal else (-1, -1)  # (-1, -1): full attention within each sequence
+    return kernel(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=window, **extra)  # (T, Hq, D)
 
 
 @functools.cache
@@ -129,14 +136,15 @@ def _takes_gqa_flag(kernel: Any) -> bool:
     return "enable_gqa" in inspect.signature(kernel).parameters
 
 
-def _segmentwise(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float | None) -> Tensor:
-    """The reference: causal SDPA on each sequence alone (T, H, D) → (T, Hq, D)."""
+def _segmentwise(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float | None, *,
+                 causal: bool = True) -> Tensor:
+    """The reference: SDPA (causal by default) on each sequence alone (T, H, D) → (T, Hq, D)."""
     gqa = k.shape[1] != q.shape[1]
     parts = []
     bounds = cu.tolist()
     for a, e in zip(bounds[:-1], bounds[1:], strict=True):
         seg = [t[a:e].transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, ℓ, D)
-        o = torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=True, scale=scale, enable_gqa=gqa)
+        o = torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=causal, scale=scale, enable_gqa=gqa)
         parts.append(o[0].transpose(0, 1))  # (ℓ, Hq, D)
     return torch.cat(parts) if parts else q.new_zeros(q.shape)
 

@@ -440,11 +440,13 @@ class WeightSender:
 
         t0 = time.perf_counter()
         buffers = getattr(self, "_ipc_buffers", None)
+        if buffers is None and not getattr(self, "_ipc_laid_out", False):
+            # the layout pass is collective under ZeRO-3 like the copy pass: every rank runs it, at its first call
+            layout, self._ipc_laid_out = self._ipc_layout(bucket_mb), True
+            buffers = self._ipc_buffers = PersistentBuffers(layout, self.device) if paired else None
         for bucket in self.named_weights_for_sync(bucket_mb << 20, device=self.device, all_ranks=True):
-            if not paired or not bucket:
+            if buffers is None or not bucket:
                 continue
-            if buffers is None:
-                buffers = self._ipc_buffers = PersistentBuffers(self._ipc_layout(bucket_mb), self.device)
             buffers.copy_in(bucket)
         if buffers is None:
             return {"buffers": [], "sync_bytes": 0.0, "sync_s": time.perf_counter() - t0}

@@ -179,3 +179,45 @@ def test_auto_attention_keeps_flash_kernels_to_half_precision() -> None:
     for requested in ("varlen", "flash_attention_2"):
         with pytest.raises(ValueError, match=r"model.dtype is float32.*learner.attn_implementation=sdpa"):
             choose_attention(requested, "float32", cuda)
+
+
+def test_vision_tower_attention_stays_bidirectional() -> None:
+    """A layer with ``is_causal=False`` (InternVL's vision attention passes it and sets ``module.is_causal``) gets
+    full attention within each row, on both branches: it used to get the causal mask, so on CUDA ``auto`` (varlen
+    in bf16) fed a VLM learner other image features than vLLM's engine computes."""
+    from cascade_rl.actors.attention import _fused, _segmentwise
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, 4, 5, 8, generator=g) for _ in range(3))  # 3 tiles of 5 patches, no mask
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, L, H, D)
+    vision = torch.nn.Module()
+    vision.is_causal = False
+    for module, kwargs in ((vision, {}), (torch.nn.Module(), {"is_causal": False})):
+        out, _ = varlen_attention_forward(module, q, k, v, None, **kwargs)
+        torch.testing.assert_close(out, full, atol=1e-6, rtol=0)
+    seen = {}
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        seen["window"] = window_size
+        return _segmentwise(q, k, v, cu_q, scale, causal=window_size == (-1, 0))
+
+    cu = torch.tensor([0, 5, 10, 15], dtype=torch.int32)
+    out = _fused(kernel, *(t.transpose(1, 2).reshape(15, 4, 8) for t in (q, k, v)), cu, 5, None, causal=False)
+    assert seen["window"] == (-1, -1)
+    torch.testing.assert_close(out.reshape(3, 5, 4, 8), full, atol=1e-6, rtol=0)
+
+
+def test_vlm_image_features_under_varlen_equal_sdpa(tiny_vlm: Path) -> None:
+    """The tiny InternVL loaded with the varlen attention (what ``auto`` picks on CUDA in bf16) computes the
+    image features sdpa does: transformers hands the vision tower the same attention function."""
+    from cascade_rl.actors.attention import register_varlen_attention
+    from transformers import AutoModelForImageTextToText
+
+    models = [AutoModelForImageTextToText.from_pretrained(tiny_vlm, dtype=torch.float32, attn_implementation=name)
+              for name in (register_varlen_attention(), "sdpa")]
+    size = models[0].config.vision_config.image_size
+    pixels = torch.randn(2, 3, *(size if isinstance(size, list | tuple) else (size, size)),
+                         generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        varlen, sdpa = (m.get_image_features(pixel_values=pixels).pooler_output for m in models)
+    torch.testing.assert_close(varlen, sdpa, atol=1e-5, rtol=0)

@@ -55,6 +55,42 @@ def test_buckets_flatten_and_unflatten_exactly() -> None:
             assert name == name2 and t2.dtype == t.dtype and torch.equal(t, t2)
 
 
+class _Rank:
+    """A learner rank's ``WeightSender`` half: ``named_weights_for_sync`` counts its passes (each pass is one
+    round of ZeRO-3 gathers, which every rank must run together)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.device, self.passes = rank, torch.device("cpu"), 0
+        self.weights = [("a", torch.randn(3, 5)), ("b", torch.randn(4).to(torch.bfloat16))]
+
+    def named_weights_for_sync(self, bucket_bytes: int, *, device: Any = "cpu", all_ranks: bool = False) -> Any:
+        self.passes += 1
+        for name, t in self.weights:
+            yield [(name, t.to(device))]
+
+
+def test_persistent_ipc_staging_runs_the_same_collective_passes_on_paired_and_unpaired_ranks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """More learner ranks than colocated workers: the paired rank lays out its buffers with one more pass over the
+    weights; under ZeRO-3 the unpaired rank must run it too (it used to skip it and the gathers hung)."""
+    from cascade_rl.actors import weight_sync
+
+    class Sender(weight_sync.WeightSender, _Rank):
+        pass
+
+    class Stream:
+        def synchronize(self) -> None: ...
+
+    monkeypatch.setattr(weight_sync, "share_bucket", lambda flat: b"handle")  # CUDA IPC, not on a CPU
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+    paired, unpaired = Sender(0), Sender(1)
+    for _ in range(2):
+        staged = [paired.stage_weights_ipc(True), unpaired.stage_weights_ipc(False)]
+        assert paired.passes == unpaired.passes
+    assert unpaired.passes == 3 and staged[1]["buffers"] == [] and len(staged[0]["buffers"]) == 2
+    assert all(torch.equal(paired._ipc_buffers.views[n], t) for n, t in paired.weights)
+
+
 def test_with_tied_head_adds_the_head_only_when_tied_and_missing() -> None:
     emb = torch.ones(2)
     named = [("model.embed_tokens.weight", emb), ("model.norm.weight", emb)]

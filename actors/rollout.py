@@ -245,14 +245,14 @@ class VLLMBackend:
 
     def load_weights(self, named_tensors: list[tuple[str, Any]]) -> None:
         self.llm.collective_rpc("cascade_load_packed", args=(pack_named_tensors(named_tensors),))
-        self.llm.reset_prefix_cache()
+        self._weights_changed()
 
     def init_weight_sync(self, master_addr: str, master_port: int, rank_offset: int, world_size: int) -> None:
         self.llm.collective_rpc("cascade_init_weight_sync", args=(master_addr, master_port, rank_offset, world_size))
 
     def receive_weights(self) -> None:
         self.llm.collective_rpc("cascade_receive_weights")
-        self.llm.reset_prefix_cache()
+        self._weights_changed()
 
     def gpu_uuid(self) -> str | None:
         return self.llm.collective_rpc("cascade_gpu_uuid")[0] if self.on_gpu else None
@@ -265,11 +265,19 @@ class VLLMBackend:
 
     def end_shared_load(self) -> None:
         self.llm.collective_rpc("cascade_end_shared_load")
-        self.llm.reset_prefix_cache()
+        self._weights_changed()
 
     def load_persistent(self, buffers: list[Any] | None) -> None:
         self.llm.collective_rpc("cascade_load_persistent", args=(buffers,))
+        self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        """Drop what vLLM cached from the old weights: the prefix KV cache and, where this vLLM has one, the
+        encoder cache of image features (a VLM whose vision tower trains would reuse stale features otherwise)."""
         self.llm.reset_prefix_cache()
+        reset_encoder = getattr(self.llm.llm_engine, "reset_encoder_cache", None)
+        if self.spec.is_vlm and reset_encoder is not None:
+            reset_encoder()
 
     def num_sync_ranks(self) -> int:
         return self.llm.llm_engine.vllm_config.parallel_config.world_size

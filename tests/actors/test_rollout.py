@@ -101,6 +101,28 @@ def test_engine_kwargs_are_vllm_engine_args_on_gpu_and_cpu(make_rollout_spec: An
     assert gpu["mm_processor_kwargs"] == {"max_patches": 4}
 
 
+def test_a_weight_update_drops_vllms_prefix_and_image_feature_caches(make_rollout_spec: Any) -> None:
+    """After any sync path the engine must not reuse what it computed with the old weights: the prefix KV cache
+    always, and for a VLM the encoder cache of image features (vLLM's own reload_weights resets both)."""
+    from types import SimpleNamespace
+
+    from cascade_rl.actors.rollout import VLLMBackend
+
+    calls: list[str] = []
+    engine = SimpleNamespace(reset_encoder_cache=lambda: calls.append("encoder"))
+    llm = SimpleNamespace(reset_prefix_cache=lambda: calls.append("prefix"), llm_engine=engine,
+                          collective_rpc=lambda name, args=(): calls.append(name))
+    backend = object.__new__(VLLMBackend)
+    backend.llm = llm  # type: ignore[assignment]
+    for is_vlm, want in ((True, ["prefix", "encoder"]), (False, ["prefix"])):
+        backend.spec = make_rollout_spec("/m", is_vlm=is_vlm)
+        for sync in (lambda: backend.load_persistent(None), backend.end_shared_load, backend.receive_weights,
+                     lambda: backend.load_weights([])):
+            calls.clear()
+            sync()
+            assert calls[1:] == want, calls  # calls[0]: the collective_rpc of the load itself
+
+
 def test_unknown_backend_is_refused(make_rollout_spec: Any) -> None:
     # the spec is built from the recipe, whose loader refuses the value and names the key
     with pytest.raises(ValueError, match="rollout.backend.*'sglang'"):

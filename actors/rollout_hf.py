@@ -44,6 +44,7 @@ class HFBackend:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         self.spec = spec
+        self.asleep = False  # model parked in host memory (sleep)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
         model_cls = AutoModelForImageTextToText if spec.is_vlm else AutoModelForCausalLM
@@ -175,17 +176,20 @@ class HFBackend:
             logger.warning("weight sync left %d rollout weights unchanged (e.g. %s)", len(missing), missing[:3])
 
     def sleep(self) -> None:
-        if self.device.type != "cuda":
-            logger.debug("rollout sleep skipped: the HF backend runs on CPU")
+        """With ``rollout.sleep_when_idle`` on a GPU: park the model in host memory while the learners train."""
+        if self.device.type != "cuda" or not self.spec.sleep_when_idle:
+            logger.debug("rollout sleep skipped: the HF backend sleeps on a GPU with rollout.sleep_when_idle only")
             return
         import torch
 
         self.model.to("cpu")
+        self.asleep = True
         torch.cuda.empty_cache()
 
     def wake_up(self) -> None:
-        if self.device.type == "cuda":
+        if self.asleep:
             self.model.to(self.device)
+            self.asleep = False
 
     def shutdown(self) -> None:
         del self.model

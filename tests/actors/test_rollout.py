@@ -123,6 +123,29 @@ def test_a_weight_update_drops_vllms_prefix_and_image_feature_caches(make_rollou
             assert calls[1:] == want, calls  # calls[0]: the collective_rpc of the load itself
 
 
+def test_hf_backend_parks_its_model_only_when_the_recipe_asks(make_rollout_spec: Any, monkeypatch) -> None:
+    """The HF backend used to move its model to the CPU at every sleep, with rollout.sleep_when_idle off too:
+    two full model copies per step in a learner-only stage. Now it sleeps as the vLLM backend does."""
+    from types import SimpleNamespace
+
+    from cascade_rl.actors.rollout_hf import HFBackend
+
+    moves: list[str] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    backend = object.__new__(HFBackend)
+    backend.device, backend.asleep = torch.device("cuda"), False
+    backend.model = SimpleNamespace(to=lambda where: moves.append(str(where)))  # type: ignore[assignment]
+    backend.spec = make_rollout_spec("/m", backend="hf", sleep_when_idle=False)
+    backend.sleep()
+    backend.wake_up()
+    assert moves == []
+    backend.spec = make_rollout_spec("/m", backend="hf", sleep_when_idle=True)
+    backend.sleep()
+    backend.wake_up()
+    backend.wake_up()  # awake already: no second move
+    assert moves == ["cpu", "cuda"]
+
+
 def test_unknown_backend_is_refused(make_rollout_spec: Any) -> None:
     # the spec is built from the recipe, whose loader refuses the value and names the key
     with pytest.raises(ValueError, match="rollout.backend.*'sglang'"):

@@ -36,6 +36,7 @@ Three paths; the driver side of each is one class in ``sync_paths.py``, chosen o
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import socket
 import time
@@ -89,10 +90,7 @@ def unpack_named_tensors(payload: bytes) -> list[tuple[str, Any]]:
 
 
 def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return math.prod(shape)
 
 
 def iter_buckets(named: Iterable[tuple[str, Any]], bucket_bytes: int) -> Iterator[list[tuple[str, Any]]]:

@@ -252,15 +252,15 @@ def choose_attention(requested: str, dtype: str, device: torch.device) -> str:
     """The ``attn_implementation`` the learner loads for ``learner.attn_implementation`` = ``requested``:
     ``auto`` takes the fused varlen kernel on CUDA in bf16/fp16, else flash-attn 2 if installed, else ``sdpa``
     (float32 and CPU runs). ``varlen`` on CPU runs its segment-by-segment reference in any dtype."""
-    fused = device.type == "cuda" and dtype in HALF_DTYPES
-    if requested in ("varlen", "flash_attention_2") and device.type == "cuda" and dtype not in HALF_DTYPES:
+    cuda, half = device.type == "cuda", dtype in HALF_DTYPES
+    if requested in ("varlen", "flash_attention_2") and cuda and not half:
         raise ValueError(f"learner.attn_implementation={requested} runs FlashAttention kernels, which take bfloat16 "
                          f"or float16 only, and model.dtype is {dtype}: set model.dtype=bfloat16, or "
                          "learner.attn_implementation=sdpa (or auto) for a float32 run")
-    if requested == "varlen" or (requested == "auto" and fused and varlen_available(device)):
+    if requested == "varlen" or (requested == "auto" and cuda and half and varlen_available(device)):
         return register_varlen_attention()
     if requested != "auto":
         return requested
-    if fused and importlib.util.find_spec("flash_attn") is not None:
+    if cuda and half and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"

@@ -133,7 +133,6 @@ def explain_engine_error(exc: BaseException, spec: RolloutSpec, on_gpu: bool) ->
 # ------------------------------------------------------------------------------------------------ vLLM
 
 
-
 def engine_kwargs(spec: RolloutSpec, on_gpu: bool, image_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """``vllm.LLM`` keyword arguments (``vllm.EngineArgs`` fields) for ``spec``; ``image_kwargs``: the renderer's
     tiling, so vLLM tiles images exactly as the learner does."""
@@ -152,6 +151,7 @@ def engine_kwargs(spec: RolloutSpec, on_gpu: bool, image_kwargs: dict[str, Any] 
         if image_kwargs:
             kwargs["mm_processor_kwargs"] = image_kwargs
     return kwargs
+
 
 class VLLMBackend:
     """``vllm.LLM`` in this process (its engine core and workers are child processes)."""

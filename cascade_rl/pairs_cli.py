@@ -96,7 +96,8 @@ def add_logs_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                                 ("correct", "correct", "the correctness flag"),
                                 ("reward", "reward", "the reward"),
                                 ("images", "images", "image path(s)")):
-        imp.add_argument(f"--{name}-key", default=default, help=f"column holding {what} (default {default!r}; dotted keys reach nested columns)")
+        imp.add_argument(f"--{name}-key", default=default,
+                         help=f"column holding {what} (default {default!r}; dotted keys reach nested columns)")
     imp.add_argument("--id-key", default=None, help="column naming the prompt (default: hash of prompt + images)")
     imp.add_argument("--run-id", default="imported", help="run id stored on every record")
     imp.add_argument("--stage", default="imported", help="stage name stored on every record")

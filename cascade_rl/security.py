@@ -18,7 +18,6 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 REDACTED = "***REDACTED***"
@@ -120,7 +119,7 @@ def tighten_ray_token() -> bool:
 def tighten_ray_session(session_dir: str | os.PathLike) -> bool:
     """Make the session folder of a Ray instance this run started 0700 (Ray creates it 0755 under /tmp/ray:
     worker logs, which hold prompts and tracebacks, and its sockets). True when the mode was changed."""
-    return _owner_only(Path(session_dir), 0o700)
+    return _owner_only(session_dir, 0o700)
 
 
 def _owner_only(path: str | os.PathLike, mode: int) -> bool:

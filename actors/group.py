@@ -305,7 +305,8 @@ class RolloutGroup:
         self._own: Placement | None = None
         if placement is None and num_gpus_per_worker > 0:
             self._own = make_placement("split", num_learner_ranks=0, num_gpus_per_rank=num_gpus_per_worker,
-                                       num_rollout_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker)
+                                       num_rollout_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker,
+                                       tensor_parallel_size=spec.tensor_parallel_size)
             placement = self._own.rollout
         self.spec, self.placement = spec, placement or GroupPlacement(0, 0)
         self._cls = ray.remote(RolloutActor)

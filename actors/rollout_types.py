@@ -38,6 +38,7 @@ class RolloutSpec(WorkerSpec):
     max_images_per_prompt: int
     max_tiles: int  # InternVL tiles per image cap (model.max_tiles; 0: the model folder's setting)
     hf_max_batch_sequences: int
+    tensor_parallel_size: int  # vLLM processes (one per GPU) of this worker's engine
 
 
 @dataclass

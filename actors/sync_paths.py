@@ -9,6 +9,9 @@ when the groups are built, ``RolloutGroup.sync_from`` on first use otherwise):
 | CUDA IPC | colocated: vLLM worker i on the GPU of learner rank i | ``IpcSync`` |
 | object store | anything else (CPU, the HF backend, unpaired GPUs) | ``ObjectStoreSync`` |
 
+Tensor parallelism (``rollout.tensor_parallel_size``): NCCL and the object store feed every vLLM process of an
+engine (each loads its shard from the full weights); colocated CUDA IPC can't and is refused (``ipc_refusal``).
+
 Each class owns its protocol end to end: which learner-rank and rollout-worker methods run, in which order (the
 worker-process halves live in ``weight_sync.py``: ``WeightSender`` in the learner actor, ``WeightSyncExtension`` in
 vLLM's workers). Interface: ``sync(version, bucket_mb)`` returns ``{"sync_bytes", "broadcast_s", "receive_s"}``
@@ -57,6 +60,26 @@ class ObjectStoreSync:
             ray.get(self.rollout.workers[i].update_weights.remote(self.ref, version))
 
 
+def nccl_ranks(sizes: list[int]) -> tuple[list[int], int]:
+    """First rank of each rollout worker in the NCCL sync group, and the group's size: rank 0 is learner rank 0,
+    then every vLLM process of every engine (``sizes[i]`` = worker i's tensor-parallel size), so each
+    tensor-parallel shard receives the broadcast and loads its own slice of it."""
+    offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+    return offsets, 1 + sum(sizes)
+
+
+def ipc_refusal(sizes: list[int]) -> str | None:
+    """Why colocated CUDA IPC sync can't serve engines of these tensor-parallel sizes (None: it can). The IPC path
+    pairs one vLLM process with the learner rank on its GPU; an engine of several processes spans GPUs that no
+    single learner rank holds, and the object store would be a silent slowdown, so this is refused."""
+    tp = max(sizes, default=1)
+    if tp <= 1:
+        return None
+    return (f"colocated weight sync (CUDA IPC) pairs one vLLM process with the learner rank on its GPU, but the "
+            f"rollout engines run {tp} tensor-parallel processes (rollout.tensor_parallel_size={tp}); set "
+            "rollout.placement=split (NCCL feeds every tensor-parallel process) or rollout.tensor_parallel_size=1")
+
+
 class NcclSync:
     """One NCCL group: learner rank 0 broadcasts each bucket to every vLLM worker process (formed at first sync)."""
 
@@ -69,9 +92,7 @@ class NcclSync:
     def _form_group(self) -> None:
         sender, workers = self.learners.workers[0], self.rollout.workers
         addr, port = ray.get(sender.weight_sync_endpoint.remote())
-        sizes = ray.get([w.num_sync_ranks.remote() for w in workers])
-        offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
-        world = 1 + sum(sizes)
+        offsets, world = nccl_ranks(ray.get([w.num_sync_ranks.remote() for w in workers]))
         ray.get([sender.init_weight_sync.remote(addr, port, world)]
                 + [w.init_weight_sync.remote(addr, port, off, world) for w, off in zip(workers, offsets, strict=True)])
         self.ready = True
@@ -133,6 +154,10 @@ def choose_sync_path(learners: Any, rollout: Any) -> SyncPath:
     vllm_on_gpu = learners.uses_gpu and rollout.placement.num_gpus > 0 and rollout.spec.backend == "vllm"
     if vllm_on_gpu and not rollout.placement.shared_gpu:
         return NcclSync(learners, rollout)
+    if vllm_on_gpu:
+        refusal = ipc_refusal(ray.get([w.num_sync_ranks.remote() for w in rollout.workers]))
+        if refusal:
+            raise ValueError(refusal)
     if vllm_on_gpu and len(rollout.workers) <= len(learners.workers):
         mine = ray.get([w.gpu_uuid.remote() for w in rollout.workers])
         theirs = ray.get([learners.workers[i].gpu_uuid.remote() for i in range(len(rollout.workers))])

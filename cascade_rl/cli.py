@@ -39,9 +39,34 @@ def check_resources(cfg: RecipeConfig, *, read_prompt_rows: bool = True) -> list
     return check(cfg, read_prompt_rows=read_prompt_rows)
 
 
+def _cluster(args: argparse.Namespace) -> tuple[list[int], str] | None:
+    """GPUs per node of the cluster ``validate`` checks against (``--gpus`` / ``--ray-address``), None: none."""
+    from .actors.gpu_layout import nodes_from_total
+    from .recipe_checks import ray_node_gpus
+
+    if args.gpus is not None and args.ray_address:
+        raise ConfigError("validate: give either --gpus (and --gpus-per-node) or --ray-address, not both")
+    if args.gpus_per_node is not None and args.gpus is None:
+        raise ConfigError("validate: --gpus-per-node needs --gpus N (the cluster's GPUs in all)")
+    if args.gpus is not None:
+        try:
+            nodes = nodes_from_total(args.gpus, args.gpus_per_node)
+        except ValueError as exc:
+            raise ConfigError(f"validate --gpus/--gpus-per-node: {exc}") from None
+        per_node = f" --gpus-per-node {args.gpus_per_node}" if args.gpus_per_node else ""
+        return nodes, f"the cluster (--gpus {args.gpus}{per_node})"
+    if args.ray_address:
+        nodes = ray_node_gpus(args.ray_address)
+        return nodes, f"the Ray cluster at {args.ray_address} (GPUs per node: {nodes})"
+    return None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .recipe_checks import check_gpus, gpu_summary
+
     cfg = load_recipe(args.recipe, args.overrides)
-    problems = check_resources(cfg)
+    cluster = _cluster(args)
+    problems = check_resources(cfg) + (check_gpus(cfg, *cluster) if cluster else [])
     if problems:
         print(f"{args.recipe}: {len(problems)} problem(s):", file=sys.stderr)
         for p in problems:
@@ -49,7 +74,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     kinds = " -> ".join(f"{s.name}({s.kind})" for s in cfg.stages)
     print(f"{args.recipe}: OK — stages {kinds}; model {cfg.model.path}; rewards "
-          f"{', '.join(t.name for t in cfg.reward.terms)}")
+          f"{', '.join(t.name for t in cfg.reward.terms)}; {gpu_summary(cfg)}"
+          + (f", fits {cluster[1]}" if cluster else ""))
     return 0
 
 
@@ -75,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="resolve and check a recipe without training")
     _add_recipe_args(p)
+    p.add_argument("--gpus", type=int, default=None,
+                   help="also check the recipe's GPU arithmetic against a cluster of N GPUs")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs of each node of that cluster (default: all N on one node)")
+    p.add_argument("--ray-address", default=None,
+                   help="check the GPU arithmetic against the nodes of this running Ray cluster (auto: the head "
+                        "on this machine; host:port)")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("report", help="plot reward, accuracy and losses per stage from a run's MLflow store")
     p.add_argument("run_dir", type=Path, help="the run folder (recipe run_dir) holding mlflow.db")

@@ -65,7 +65,8 @@ class DataConfig:
 class RolloutConfig:
     backend: Literal["vllm", "hf"] = doc("vllm", "generation engine: vllm (vllm.LLM) or hf (transformers generate)")
     num_workers: int = doc(1, "rollout worker actors")
-    num_gpus_per_worker: float = doc(0.0, "GPUs per rollout worker (0 on CPU)")
+    num_gpus_per_worker: float = doc(0.0, "GPUs per rollout worker (0 on CPU); with tensor_parallel_size > 1 "
+                                                "the worker holds tensor_parallel_size x this")
     group_size: int = doc(8, "G: responses sampled per prompt")
     temperature: float = doc(1.0, "sampling temperature")
     top_p: float = doc(1.0, "nucleus sampling mass")
@@ -78,6 +79,9 @@ class RolloutConfig:
     ignore_eos: bool = doc(False, "keep generating past EOS to max_response_tokens (benchmarks: fixed lengths)")
     max_images_per_prompt: int = doc(4, "vLLM: most images one prompt may carry (limit_mm_per_prompt)")
     hf_max_batch_sequences: int = doc(64, "hf backend: sequences (prompts x group_size) per generate call")
+    tensor_parallel_size: int = doc(
+        1, "vLLM tensor parallelism: GPUs (one vLLM process each) per rollout worker, all on one node; split "
+           "placement only, with num_gpus_per_worker=1 (the worker then holds this many GPUs)")
     placement: Literal["split", "colocated"] = doc(
         "split", "split: learners and rollout workers on separate GPUs; colocated: learner rank i and rollout "
         "worker i share GPU i (set fractional num_gpus_per_rank/num_gpus_per_worker and sleep_when_idle)")

@@ -10,6 +10,7 @@ import re
 from dataclasses import fields
 from typing import Any
 
+from .actors.gpu_layout import GpuRequest, request_problems
 from .config import STAGE_FIELDS, RecipeConfig, StageConfig, foreign_stage_key
 
 
@@ -39,6 +40,10 @@ def validate(cfg: RecipeConfig) -> list[str]:
     if r.sleep_when_idle and any(s.kind == "gspo" and s.gspo.overlap for s in cfg.stages):
         p.append("rollout.sleep_when_idle and gspo.overlap both set: a sleeping engine cannot generate the next "
                  "batch during training; turn one off")
+    if r.tensor_parallel_size > 1 and r.backend != "vllm":
+        p.append(f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs rollout.backend=vllm (the hf "
+                 f"backend runs one process per worker); set rollout.tensor_parallel_size=1 or rollout.backend=vllm")
+    p.extend(request_problems(gpu_request(cfg)))
     lr = cfg.learner
     if lr.zero_stage not in (0, 1, 2, 3):
         p.append(f"learner.zero_stage={lr.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
@@ -62,6 +67,13 @@ def validate(cfg: RecipeConfig) -> list[str]:
     for i, s in enumerate(cfg.stages):
         p.extend(_validate_stage(i, s, cfg))
     return p
+
+
+def gpu_request(cfg: RecipeConfig) -> GpuRequest:
+    """The recipe's GPU ask as numbers (``actors/gpu_layout.py`` does the arithmetic)."""
+    r, lr = cfg.rollout, cfg.learner
+    return GpuRequest(r.placement, lr.num_ranks, lr.num_gpus_per_rank, r.num_workers, r.num_gpus_per_worker,
+                      r.tensor_parallel_size)
 
 
 def _range_checks(cfg: RecipeConfig) -> list[str]:

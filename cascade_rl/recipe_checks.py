@@ -6,7 +6,9 @@
 - rewards: each ``reward.terms`` entry resolves, and is called once with its kwargs on the first row of
   ``data.train`` (response = that row's reference answer), so a wrong signature, a misspelt kwarg or a reward
   that raises is named with its term before any sample is scored 0.0;
-- mpo stages: ``mpo.logs`` names an existing folder, ``mpo.pairs`` a readable pairs file.
+- mpo stages: ``mpo.logs`` names an existing folder, ``mpo.pairs`` a readable pairs file;
+- GPUs (``check_gpus``, when ``validate`` is given a cluster: ``--gpus N --gpus-per-node M`` or ``--ray-address``):
+  the bundles of ``learner.*`` / ``rollout.*`` fit the cluster's nodes (``actors/gpu_layout.py``).
 
 Each problem is one line naming the recipe key.
 """
@@ -123,3 +125,40 @@ def check_resources(cfg: RecipeConfig, *, read_prompt_rows: bool = True) -> list
     _check_model(cfg, problems)
     _check_stage_sources(cfg, problems)
     return problems
+
+
+def check_gpus(cfg: RecipeConfig, node_gpus: list[int], where: str) -> list[str]:
+    """Why the recipe's GPU bundles don't fit nodes with ``node_gpus`` GPUs each (empty when they fit)."""
+    from .actors.gpu_layout import fit_problems
+    from .config_checks import gpu_request
+
+    return fit_problems(gpu_request(cfg), node_gpus, where)
+
+
+def gpu_summary(cfg: RecipeConfig) -> str:
+    """One line: the GPUs the recipe needs and how they are laid out."""
+    from .actors.gpu_layout import bundle_layout
+    from .config_checks import gpu_request
+
+    layout = bundle_layout(gpu_request(cfg))
+    if layout.mode == "cpu":
+        return "GPUs: none (CPU)"
+    tp = cfg.rollout.tensor_parallel_size
+    engines = f"{cfg.rollout.num_workers} engine(s) x {layout.rollout_gpus:g}" + (f" (TP {tp})" if tp > 1 else "")
+    return (f"GPUs: {layout.gpus_needed:g} ({layout.mode}: {cfg.learner.num_ranks} learner rank(s) x "
+            f"{layout.learner_gpus:g}, {engines})")
+
+
+def ray_node_gpus(address: str | None) -> list[int]:
+    """GPUs of each alive node of a running Ray cluster: the one this process is connected to, else the one at
+    ``address`` (joined for this call only; ``auto``: the head on this machine)."""
+    import ray
+
+    joined = not ray.is_initialized()
+    if joined:
+        ray.init(address=address or "auto", log_to_driver=False, configure_logging=False)
+    try:
+        return [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    finally:
+        if joined:
+            ray.shutdown()

@@ -162,7 +162,8 @@ def build_groups(cfg: RecipeConfig, model_path: str, *, overlap_start: bool = Tr
     learner_spec = build_spec(LearnerSpec, cfg, model_path=model_path, seed=cfg.seed, is_vlm=vlm, total_steps=1,
                               shared_gpu_reserve_fraction=r.gpu_memory_utilization if shares_gpu else 0.0)
     placement = make_placement(r.placement, num_learner_ranks=lr.num_ranks, num_gpus_per_rank=lr.num_gpus_per_rank,
-                               num_rollout_workers=r.num_workers, num_gpus_per_worker=r.num_gpus_per_worker)
+                               num_rollout_workers=r.num_workers, num_gpus_per_worker=r.num_gpus_per_worker,
+                               tensor_parallel_size=r.tensor_parallel_size)
     learners = LearnerGroup(learner_spec, lr.num_ranks, lr.num_gpus_per_rank, placement=placement.learner,
                             wait=not overlap_start)
     rollout = RolloutGroup(rollout_spec, r.num_workers, r.num_gpus_per_worker, placement=placement.rollout,

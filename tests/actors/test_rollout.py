@@ -101,6 +101,34 @@ def test_engine_kwargs_are_vllm_engine_args_on_gpu_and_cpu(make_rollout_spec: An
     assert gpu["mm_processor_kwargs"] == {"max_patches": 4}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm")
+def test_tensor_parallel_engine_kwargs(make_rollout_spec: Any) -> None:
+    """rollout.tensor_parallel_size reaches vLLM; with TP > 1 the engine runs its processes inside this actor
+    ("mp": vLLM would pick "ray" inside a placement group and ask for GPUs the actor already holds)."""
+    import dataclasses
+
+    from cascade_rl.actors.rollout import engine_kwargs
+    from vllm import EngineArgs
+
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    one = engine_kwargs(make_rollout_spec("/m"), True, None)
+    assert one["tensor_parallel_size"] == 1 and "distributed_executor_backend" not in one
+    for on_gpu in (True, False):
+        two = engine_kwargs(make_rollout_spec("/m", tensor_parallel_size=2), on_gpu, None)
+        assert set(two) <= fields
+        assert two["tensor_parallel_size"] == 2 and two["distributed_executor_backend"] == "mp"
+
+
+def test_cpu_thread_binding_gives_each_tensor_parallel_process_its_own_cores() -> None:
+    from cascade_rl.actors.rollout import RolloutEngineError, cpu_thread_binding
+
+    assert cpu_thread_binding([1, 0], 2) == "0|1"  # 2 cores / 2 processes = 1 core each
+    assert cpu_thread_binding(list(range(8)), 2) == "0,1,2,3|4,5,6,7"  # 8 / 2 = 4 each
+    assert cpu_thread_binding(list(range(5)), 2) == "0,1|2,3,4"  # 5 // 2: 2 then 3
+    with pytest.raises(RolloutEngineError, match="rollout.tensor_parallel_size=4 on CPU"):
+        cpu_thread_binding([0, 1], 4)
+
+
 def test_a_weight_update_drops_vllms_prefix_and_image_feature_caches(make_rollout_spec: Any) -> None:
     """After any sync path the engine must not reuse what it computed with the old weights: the prefix KV cache
     always, and for a VLM the encoder cache of image features (vLLM's own reload_weights resets both)."""

@@ -132,3 +132,19 @@ def test_the_path_is_chosen_from_the_placement() -> None:
     assert isinstance(choose_sync_path(*groups(True, 1.0, False)), NcclSync)  # split GPUs
     assert isinstance(choose_sync_path(*groups(False, 0.0, False)), ObjectStoreSync)  # CPU
     assert isinstance(choose_sync_path(*groups(True, 1.0, False, backend="hf")), ObjectStoreSync)  # HF engine
+
+
+def test_nccl_sync_group_has_a_rank_for_every_tensor_parallel_process() -> None:
+    from cascade_rl.actors.sync_paths import nccl_ranks
+
+    # learner rank 0 is rank 0; engines of TP 2, 1 and 4 take ranks 1-2, 3, 4-7: 1 + 2 + 1 + 4 = 8 in all
+    assert nccl_ranks([2, 1, 4]) == ([1, 3, 4], 8)
+    assert nccl_ranks([1]) == ([1], 2)  # the 2-GPU split recipe: learner + one engine process
+
+
+def test_colocated_ipc_refuses_tensor_parallel_engines_with_the_fix() -> None:
+    from cascade_rl.actors.sync_paths import ipc_refusal
+
+    assert ipc_refusal([1, 1]) is None
+    why = ipc_refusal([1, 2])
+    assert why is not None and "rollout.tensor_parallel_size=2" in why and "rollout.placement=split" in why

@@ -26,7 +26,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .gpu_layout import GpuRequest, bundle_layout
+from .gpu_layout import GpuRequest, bundle_layout, fit_problems
 
 CPU_TOKEN = 0.01  # CPUs a learner asks for on CPU-only runs (a placement-group bundle can't be all zeros)
 PLACEMENT_TIMEOUT_S = 180.0
@@ -66,17 +66,28 @@ class Placement:
             remove_placement_group(pg)
 
 
-def _make_pg(bundles: list[dict[str, float]], what: str, fix: str) -> PlacementGroup | None:
-    """A PACKed placement group, waited for; None for no bundles."""
+def node_gpus() -> list[int]:
+    """GPUs of each alive node of the Ray cluster this process is connected to."""
+    return [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def _make_pg(bundles: list[dict[str, float]], what: str, req: GpuRequest) -> PlacementGroup | None:
+    """A PACKed placement group, waited for; None for no bundles. If it can't be placed in time, the error says
+    why in recipe keys where the GPU arithmetic shows it (``gpu_layout.fit_problems`` on the nodes there now)."""
     if not bundles:
         return None
     pg = placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         remove_placement_group(pg)
+        nodes = node_gpus()
+        why = fit_problems(req, nodes, f"the cluster now (GPUs per node: {nodes})") or [
+            "the recipe's GPUs fit the cluster's nodes, so other jobs or actors hold some of them (`ray status`); "
+            "free them, or lower learner.num_ranks / rollout.num_workers (or rollout.tensor_parallel_size, the "
+            "GPUs per rank/worker), or add nodes"]
         raise RuntimeError(f"the placement group for {what} ({len(bundles)} bundles of {bundles[0]}) was not "
                            f"scheduled within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster has "
-                           f"{ray.cluster_resources()}: {fix}")
+                           f"{ray.cluster_resources()}: " + "; ".join(why))
     return pg
 
 
@@ -85,22 +96,25 @@ def make_placement(mode: Literal["colocated", "split"], *, num_learner_ranks: in
                    tensor_parallel_size: int = 1) -> Placement:
     """Placement groups for the learners and rollout workers (see the module docstring). CPU-only when both GPU
     counts are 0, whatever ``mode`` says. ValueError naming the recipe keys for a layout no cluster satisfies."""
-    layout = bundle_layout(GpuRequest(mode, num_learner_ranks, num_gpus_per_rank, num_rollout_workers,
-                                      num_gpus_per_worker, tensor_parallel_size))
-    fix = ("lower learner.num_ranks / rollout.num_workers, or the GPUs per rank/worker (or "
-           "rollout.tensor_parallel_size), or add nodes; `cascade-rl validate RECIPE --gpus N --gpus-per-node M` "
-           "checks the arithmetic")
+    req = GpuRequest(mode, num_learner_ranks, num_gpus_per_rank, num_rollout_workers, num_gpus_per_worker,
+                     tensor_parallel_size)
+    layout = bundle_layout(req)
     ranks, workers = list(range(num_learner_ranks)), list(range(num_rollout_workers))
     if layout.mode == "cpu":
-        pg = _make_pg([{"CPU": CPU_TOKEN}] * num_learner_ranks, "learners", fix)
+        pg = _make_pg([{"CPU": CPU_TOKEN}] * num_learner_ranks, "learners", req)
         return Placement("cpu", GroupPlacement(0, CPU_TOKEN, pg, ranks), GroupPlacement(0, 0),
                          [pg] if pg else [])
     if layout.mode == "colocated":
         bundles = [{"GPU": g, "CPU": num_cpus_per_rank + 1} for g in layout.shared]
-        pg = _make_pg(bundles, "colocated learners and rollout workers", fix)
+        pg = _make_pg(bundles, "colocated learners and rollout workers", req)
         return Placement("colocated", GroupPlacement(layout.learner_gpus, num_cpus_per_rank, pg, ranks, True),
                          GroupPlacement(layout.rollout_gpus, 1, pg, workers, True), [pg] if pg else [])
-    lpg = _make_pg([{"GPU": g, "CPU": num_cpus_per_rank} for g in layout.learner], "learners", fix)
-    rpg = _make_pg([{"GPU": g, "CPU": 1.0} for g in layout.rollout], "rollout workers", fix)
+    lpg = _make_pg([{"GPU": g, "CPU": num_cpus_per_rank} for g in layout.learner], "learners", req)
+    try:
+        rpg = _make_pg([{"GPU": g, "CPU": 1.0} for g in layout.rollout], "rollout workers", req)
+    except RuntimeError:
+        if lpg is not None:
+            remove_placement_group(lpg)  # the learners' GPUs are not held for a run that can't start
+        raise
     return Placement("split", GroupPlacement(layout.learner_gpus, num_cpus_per_rank, lpg, ranks),
                      GroupPlacement(layout.rollout_gpus, 1, rpg, workers), [pg for pg in (lpg, rpg) if pg])

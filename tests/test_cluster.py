@@ -219,10 +219,17 @@ def test_submit_script_builds_the_documented_command(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- a real head
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are picked (one at a time, the OS may hand the
+    same port out twice, and Ray refuses two components on one port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -239,16 +246,15 @@ def ray_head():
     """A local Ray head with token auth, bound to 127.0.0.1, in a private temp dir, started as the README says:
     the venv's ``ray`` by its path, the venv not activated (so a job's ``cascade-rl`` is not on its PATH)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="crl-ray-", dir="/tmp"))  # short: Ray's unix sockets live here
-    dashboard_port = _free_port()
+    dashboard_port, gcs_port, client_port, agent_port = _free_ports(4)
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "PATH": path,
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     log = temp_dir / "ray_start.log"
-    gcs_port = _free_port()
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=4", "--num-gpus=0",
            f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+           f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
            f"--temp-dir={temp_dir}", f"--object-store-memory={512 * 1024 * 1024}", "--disable-usage-stats"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

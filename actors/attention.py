@@ -201,6 +201,16 @@ def free_device_bytes(device: torch.device) -> int:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
+def release_cached_memory(device: torch.device, shared_gpu_reserve_fraction: float) -> bool:
+    """After an optimizer step on a GPU shared with a sleeping engine: hand the caching allocator's unused blocks
+    back to the driver, so the engine can map its share again when it wakes (what is allocated stays). Without it
+    the learner keeps its peak activations reserved: on an H100 the engine's wake-up ran out of memory."""
+    if device.type != "cuda" or shared_gpu_reserve_fraction <= 0:
+        return False
+    torch.cuda.empty_cache()
+    return True
+
+
 class LearnerSpeedControls:
     """Mixed into the learner actor by ``group.py``: switch speed settings of a live learner and profile one
     update (what ``bench/bench_step.py`` uses to compare old and new paths on one warm start)."""

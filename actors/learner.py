@@ -69,6 +69,7 @@ from .attention import (
     auto_micro_batch_tokens,
     free_device_bytes,
     packed_attention_kwargs,
+    release_cached_memory,
 )
 from .faults import is_memory_text, learner_oom_message
 from .learner_batches import (
@@ -401,6 +402,7 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
         metrics["lr"] = lr
         metrics["step_s"] = time.perf_counter() - t0
         metrics["peak_mem_gib"] = _peak_memory_gib(self.device)
+        release_cached_memory(self.device, self.spec.shared_gpu_reserve_fraction)
         return metrics
 
     def _apply_lr(self) -> None:

@@ -44,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# device_info() initialises CUDA in this process before the engine starts: a forked engine core could not use it
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 from bench_rollout import device_info  # noqa: E402
 
 GRIDS = [(1, 1), (2, 1), (3, 1), (2, 2)]  # tiles wide x high: 1, 2+1, 3+1, 4+1 tiles with max_tiles=4

@@ -119,6 +119,20 @@ def test_auto_micro_batch_budget_arithmetic() -> None:
                                    gradient_checkpointing=True) == 65_536
 
 
+def test_cached_memory_goes_back_only_on_a_gpu_shared_with_an_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (H100, colocated 0.6B step bench): the learner kept its peak activations in torch's cache and
+    the sleeping vLLM engine could not map its 30 % share back (CUDA out of memory in wake_up)."""
+    from cascade_rl.actors.attention import release_cached_memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    assert release_cached_memory(torch.device("cuda", 0), 0.3) is True
+    assert calls == [1]
+    assert release_cached_memory(torch.device("cuda", 0), 0.0) is False  # split placement: the GPU is its own
+    assert release_cached_memory(torch.device("cpu"), 0.3) is False
+    assert calls == [1]
+
+
 @pytest.mark.slow
 def test_a_live_learner_switches_attention_and_profiles_an_update(tiny_lm: Path) -> None:
     from cascade_rl.actors.attention import LearnerSpeedControls

@@ -327,7 +327,8 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
                                 images: list[list[str]] | None, where: str) -> list[MicroBatch]:
         if self.spec.auto_micro_batch_tokens and self.device.type == "cuda" and not self._auto_budget_done:
             # measured at the first training step, when a colocated engine sleeps as it will in every step
-            # the caching allocator keeps what it once held: leave a waking engine its share and the sync buffers
+            # leave the engine's share and the sync buffers: the cache goes back only after the step
+            # (release_cached_memory), and this estimate is approximate (the H100 bench OOMed without the release)
             self._auto_budget_done = True
             total = torch.cuda.get_device_properties(self.device).total_memory
             weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())

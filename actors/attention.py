@@ -220,11 +220,21 @@ class LearnerSpeedControls:
     device: Any
     _packed: bool
     _auto_budget_done: bool
+    fused: dict[str, Any]
+    _apply_fused_kernels: Any  # LearnerSetupMixin's
     train_policy: Any  # LearnerWorker's (this mixin comes first in the MRO)
 
     def configure_speed(self, attention: str | None = None, micro_batch_tokens: int | None = None,
-                        auto_micro_batch_tokens: bool | None = None) -> dict[str, Any]:
-        """Switch attention (and packing with it) or the micro-batch budget of a live learner."""
+                        auto_micro_batch_tokens: bool | None = None,
+                        fused_kernels: str | None = None) -> dict[str, Any]:
+        """Switch attention (and packing with it), the micro-batch budget or the fused kernels of a live learner
+        (fused kernels can be turned on, not off: patching is one-way)."""
+        if fused_kernels is not None and fused_kernels != self.spec.fused_kernels:
+            if self.fused["fused_modules"]:
+                raise ValueError(f"fused kernels are already patched in ({self.fused}); start a new learner with "
+                                 f"learner.fused_kernels={fused_kernels}")
+            self.spec.fused_kernels = fused_kernels
+            self.fused = self._apply_fused_kernels()
         if attention is not None:
             set_attention(self, attention)
         if micro_batch_tokens is not None:
@@ -234,7 +244,8 @@ class LearnerSpeedControls:
         if str(self.device).startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(self.device)  # peak_mem_gib then measures the new settings
         return {"attention": self.model.config._attn_implementation, "packed": self._packed,
-                "micro_batch_tokens": self.spec.micro_batch_tokens}
+                "micro_batch_tokens": self.spec.micro_batch_tokens, "fused_kernels": self.fused["fused_kernels"],
+                "fused_modules": self.fused["fused_modules"], "fused_check_diff": self.fused["fused_check_diff"]}
 
     def profile_train_policy(self, batch: SequenceBatch, **kwargs: Any) -> dict[str, Any]:
         """One ``train_policy`` step (a real update) under torch.profiler: its metrics and the top

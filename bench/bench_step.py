@@ -403,6 +403,7 @@ def main() -> None:
     ctx, startup = start(cfg, run_dir, overlap=args.start == "overlap")
     startup.update(imports_s=round(imports_s, 3), process_to_ready_s=round(time.perf_counter() - T_PROCESS, 3),
                    model_build_s_excluded=round(model_build_s, 3))
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"step_{'cuda' if cuda else 'cpu'}_{args.shape}.json"
     rec = Recorder()
     rollout = ctx.rollout
     ctx.learners = Timed(ctx.learners, rec, {"compute_logprobs": "old_logprobs", "train_policy": "update"},
@@ -439,6 +440,7 @@ def main() -> None:
             steady = steps[1:] or steps
             result["variants"][name] = {"settings": settings[name], "applied": applied,
                                         "steady_mean": mean_of(steady), "steps": steps}
+            write_json(result, out, partial=True)  # what a time limit would otherwise lose
         if variants and rec.last_update is not None and not args.no_profile:
             try:
                 result["profile"] = profile_update(ctx.learners, rec.last_update, variants[-1])
@@ -467,14 +469,17 @@ def main() -> None:
                   flops_convention={"mfu_6n": "6*N*tokens per update, 2*N*tokens old log-probs; N all params",
                                     "mfu_with_attention": "+ 6*layers*heads*head_dim*sum(L^2) per update"},
                   versions=versions())
-    device = "cuda" if cuda else "cpu"
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"step_{device}_{args.shape}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_json(result, out, partial=False)
     print(json.dumps({k: v for k, v in result.items() if k != "variants"} | {
         "variants": {k: v.get("steady_mean", v.get("error")) for k, v in result["variants"].items()}}, indent=1))
+
+
+def write_json(result: dict[str, Any], out: Path, *, partial: bool) -> None:
+    """Atomically (re)write the JSON; ``partial`` marks one written after a variant, before the run ended."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({**result, "partial": partial}, indent=1) + "\n")
+    os.replace(tmp, out)
 
 
 def profile_update(learners: Any, call: tuple[tuple, dict[str, Any]], variant: str) -> dict[str, Any]:

@@ -35,9 +35,10 @@ def liger_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("liger_kernel", "triton"))
 
 
-def choose_fused_kernels(requested: str, device: torch.device) -> str:
-    """``liger`` or ``none`` for ``learner.fused_kernels`` = ``requested`` on ``device``."""
-    if requested == "none":
+def choose_fused_kernels(requested: str, device: torch.device, *, is_vlm: bool = False) -> str:
+    """``liger`` or ``none`` for ``learner.fused_kernels`` = ``requested`` on ``device``. ``auto`` leaves VLMs alone:
+    Liger also patches the vision tower, which the learner's text-only probe does not check."""
+    if requested == "none" or (requested == "auto" and is_vlm):
         return "none"
     if requested not in ("auto", "liger"):
         raise ValueError(f"learner.fused_kernels={requested!r}: use auto, liger or none")

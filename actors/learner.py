@@ -442,6 +442,8 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
         except RuntimeError as e:
             if not (isinstance(e, torch.OutOfMemoryError) or is_memory_text(str(e))):
                 raise
+            # the step's activations go back, so a colocated engine can still wake (for the checkpoint, shut-down)
+            release_cached_memory(self.device, self.spec.shared_gpu_reserve_fraction)
             s = self.spec
             raise torch.OutOfMemoryError(learner_oom_message(
                 rank=self.rank, where=where, num_tokens=mb.num_tokens, num_seqs=mb.num_seqs,

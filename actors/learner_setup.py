@@ -146,12 +146,11 @@ class LearnerSetupMixin:
     def _apply_fused_kernels(self) -> dict[str, Any]:
         """Patch the model with ``learner.fused_kernels`` (``fused_kernels.py``) and check a probe's log-probs
         moved by rounding only."""
-        requested = self.spec.fused_kernels
-        if requested == "auto" and self.spec.is_vlm and self.spec.zero_stage == 3:
-            requested = "none"  # the text-only probe would skip the vision tower's ZeRO-3 gathers
-        name = choose_fused_kernels(requested, self.device)
+        name = choose_fused_kernels(self.spec.fused_kernels, self.device, is_vlm=self.spec.is_vlm)
         if name == "none":
             return fused_kernels_report(self.model, name, 0, None)
+        if self.spec.is_vlm and self.spec.zero_stage == 3:  # a text-only probe would skip the vision ZeRO-3 gathers
+            return fused_kernels_report(self.model, name, apply_fused_kernels(self.model, name), None)
         vocab = self.model.config.get_text_config().vocab_size
         probe = [([(7 * i + 3) % vocab for i in range(24)], [(5 * i + 1) % vocab for i in range(40)]),
                  ([(11 * i + 2) % vocab for i in range(9)], [(3 * i + 4) % vocab for i in range(17)])]

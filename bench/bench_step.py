@@ -431,7 +431,9 @@ def main() -> None:
             except Exception:  # keep what the other variants measured; the JSON says what failed
                 result["variants"][name] = {"settings": settings[name], "error": traceback.format_exc()[-3000:]}
                 print(result["variants"][name]["error"], file=sys.stderr)
-                continue
+                write_json(result, out, partial=True)
+                # the groups may be left mid-step (on an H100 the next variant hung after an OOM): stop here
+                break
             gens = [e for e in rec.events if e[0] == "generate" and v0 <= e[1] <= v1]
             ends = [t for t, _ in rec.step_ends if v0 <= t <= v1]
             first_step_at = first_step_at or (gens[0][1] if gens else None)
@@ -441,7 +443,8 @@ def main() -> None:
             result["variants"][name] = {"settings": settings[name], "applied": applied,
                                         "steady_mean": mean_of(steady), "steps": steps}
             write_json(result, out, partial=True)  # what a time limit would otherwise lose
-        if variants and rec.last_update is not None and not args.no_profile:
+        failed = any("error" in v for v in result["variants"].values())
+        if variants and rec.last_update is not None and not args.no_profile and not failed:
             try:
                 result["profile"] = profile_update(ctx.learners, rec.last_update, variants[-1])
             except Exception:

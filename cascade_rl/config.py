@@ -122,8 +122,8 @@ class LearnerConfig:
                 "attn_implementation")
     fused_kernels: Literal["auto", "liger", "none"] = doc(
         "auto", "fused Triton kernels for the decoder's RMSNorm, rotary embedding and SwiGLU (Liger Kernel, "
-                "actors/fused_kernels.py): auto = on CUDA where liger-kernel is installed (the gpu extra), liger = "
-                "required, none = the model's own modules")
+                "actors/fused_kernels.py): auto = on CUDA where liger-kernel is installed (the gpu extra), text models "
+                "only; liger = required (VLMs: also the vision tower's norms); none = the model's own modules")
     freeze_vision: bool = doc(False, "VLMs: keep the vision tower fixed (no gradients, no optimizer state, not "
                                      "re-sent in weight sync), as InternVL's RL does")
     freeze_projector: bool = doc(False, "VLMs: keep the vision-to-language projector fixed (as freeze_vision)")

@@ -107,11 +107,11 @@ def test_auto_micro_batch_budget_arithmetic() -> None:
     assert full == (28 * per_layer + 2 * 1024) * 2  # 1,265,664 B ≈ 1.2 MiB per token
     ckpt = activation_bytes_per_token(cfg, dtype_bytes=2, gradient_checkpointing=True)
     assert ckpt == (28 * 1024 + per_layer + 2 * 1024) * 2
-    # 40 GiB free, 10 GiB reserved for others: (40 − 6 − 10) GiB / (1.5 · 1,265,664 B) = 13,573 tokens → 13,312
+    # 40 GiB free, 10 GiB reserved for others: (40 − 6 − 10) GiB / (2.0 · 1,265,664 B) = 10,180 tokens → 9,216
     got = auto_micro_batch_tokens(cfg, free_bytes=40 << 30, floor=4096, dtype_bytes=2, gradient_checkpointing=False,
                                   reserve_bytes=10 << 30)
     per_token = int(ACTIVATION_SAFETY * full)
-    assert got == ((40 << 30) - AUTO_BUDGET_RESERVE_BYTES - (10 << 30)) // per_token // 1024 * 1024 == 13_312
+    assert got == ((40 << 30) - AUTO_BUDGET_RESERVE_BYTES - (10 << 30)) // per_token // 1024 * 1024 == 9_216
     # never below the recipe's floor, never above the cap
     assert auto_micro_batch_tokens(cfg, free_bytes=1 << 30, floor=4096, dtype_bytes=2,
                                    gradient_checkpointing=False) == 4096

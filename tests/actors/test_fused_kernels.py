@@ -24,6 +24,10 @@ def test_auto_takes_liger_only_on_cuda_with_the_package(monkeypatch: pytest.Monk
     assert choose_fused_kernels("auto", CPU) == "none"
     assert choose_fused_kernels("auto", CUDA) == ("liger" if installed else "none")
     assert choose_fused_kernels("none", CUDA) == "none"
+    # a VLM only when asked: Liger would also patch its vision tower, which the text-only probe does not check
+    assert choose_fused_kernels("auto", CUDA, is_vlm=True) == "none"
+    if installed:
+        assert choose_fused_kernels("liger", CUDA, is_vlm=True) == "liger"
 
 
 def test_liger_asked_where_it_cannot_run_names_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,6 +30,10 @@ FLOP conventions (``peak_tflops``: dense bf16, 989 for H100/H200 SXM):
   this slightly overstates the work;
 - ``mfu_with_attention``: adds causal attention, 6·layers·heads·head_dim·Σ L² per update (2·… forward only),
   L = each sequence's length (packed rows cost Σ L², which is what the varlen path computes).
+Generation roofline: each decode step reads the whole KV cache of its sequence, so a response of R tokens after a
+P-token prompt reads R·P + R(R+1)/2 cached tokens whatever the batching; ``generate_kv_roofline_s`` = those bytes
+(2·layers·kv_heads·head_dim·2 B a token, bf16) / HBM bandwidth (``--hbm-tbps``: 3.35 H100 SXM, 4.8 H200), a lower
+bound on ``generate_s``.
 GPU busy share: NVML utilisation (share of time a kernel ran) sampled every 0.1 s over the steady steps.
 Sync GB/s: weight bytes / seconds of ``RolloutGroup.sync_from``. Writes ``bench/results/step_<device>_<shape>.json``.
 """
@@ -133,7 +137,9 @@ def learner_info(name: str, args: tuple, out: Any) -> dict[str, Any]:
         return {}
     batch = args[0]
     lengths = [len(p) + len(r) for p, r in zip(batch.prompt_token_ids, batch.response_token_ids, strict=True)]
-    info = {"tokens": sum(lengths), "sum_len_sq": sum(n * n for n in lengths), "sequences": len(lengths)}
+    info = {"tokens": sum(lengths), "sum_len_sq": sum(n * n for n in lengths), "sequences": len(lengths),
+            "kv_token_reads": sum(len(r) * len(p) + len(r) * (len(r) + 1) // 2
+                                  for p, r in zip(batch.prompt_token_ids, batch.response_token_ids, strict=True))}
     if isinstance(out, dict):
         info.update({k: out[k] for k in ("step_s", "peak_mem_gib", "grad_norm") if k in out})
     return info
@@ -259,12 +265,14 @@ def model_numbers(model_path: str) -> dict[str, Any]:
     cfg = json.loads((Path(model_path) / "config.json").read_text())
     nbytes, nparams = weight_bytes_and_params(Path(model_path))
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     return {"num_params": nparams, "weight_bytes": nbytes, "num_layers": cfg["num_hidden_layers"],
-            "attn_dim": cfg["num_attention_heads"] * head_dim}
+            "attn_dim": cfg["num_attention_heads"] * head_dim,
+            "kv_bytes_per_token": 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * 2}
 
 
 def step_summary(events: list, t0: float, t1: float, m: dict[str, Any], peak: float | None,
-                 sampler: GpuSampler | None) -> dict[str, Any]:
+                 sampler: GpuSampler | None, hbm: float | None = None) -> dict[str, Any]:
     mine = [e for e in events if t0 <= e[1] <= t1]
     out: dict[str, Any] = {"wall_s": round(t1 - t0, 4)}
     total = 0.0
@@ -294,6 +302,11 @@ def step_summary(events: list, t0: float, t1: float, m: dict[str, Any], peak: fl
         learner_s = train_s + sum(e[2] - e[1] for e in olp)
         flops = sum(6 * n * e[3]["tokens"] for e in updates) + sum(2 * n * e[3]["tokens"] for e in olp)
         out["learner_mfu_6n"] = round(flops / max(learner_s, 1e-9) / peak, 4)
+    reads = sum(e[3].get("kv_token_reads", 0) for e in mine if e[0] == "old_logprobs")
+    if hbm and reads:  # the old-log-prob batch is the step's generated responses with their prompts
+        out["generate_kv_read_tb"] = round(reads * m["kv_bytes_per_token"] / 1e12, 3)
+        out["generate_kv_roofline_s"] = round(reads * m["kv_bytes_per_token"] / hbm, 3)
+        out["generate_share_of_roofline"] = round(out["generate_kv_roofline_s"] / max(out["generate_s"], 1e-9), 3)
     syncs = [e for e in mine if e[0] == "sync"]
     if syncs:
         out["sync_bytes"] = syncs[-1][3].get("sync_bytes") or m["weight_bytes"]
@@ -337,6 +350,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: 989 for H100/H200)")
+    ap.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth (default: 3.35 H100, 4.8 H200)")
     ap.add_argument("--model-dir", default=str(ROOT / ".cache" / "cascade_rl" / "bench"))
     ap.add_argument("--run-dir", default=None, help="default: a fresh folder under .cache/cascade_rl/bench_runs")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/step_<device>_<shape>.json)")
@@ -395,6 +409,8 @@ def main() -> None:
         return
     info = device_info("cuda" if cuda else "cpu")
     peak = (args.peak_tflops or (989.0 if any(g in info["device_name"] for g in ("H100", "H200")) else 0.0)) * 1e12
+    name = info["device_name"]
+    hbm = (args.hbm_tbps or (4.8 if "H200" in name else 3.35 if "H100" in name else 0.0)) * 1e12 or None
     try:
         sampler = GpuSampler() if cuda else None
     except ImportError:  # no NVML bindings: no busy share (vLLM's GPU wheels bring nvidia-ml-py)
@@ -437,7 +453,7 @@ def main() -> None:
             gens = [e for e in rec.events if e[0] == "generate" and v0 <= e[1] <= v1]
             ends = [t for t, _ in rec.step_ends if v0 <= t <= v1]
             first_step_at = first_step_at or (gens[0][1] if gens else None)
-            steps = [step_summary(rec.events, g[1], end, m, peak or None, sampler)
+            steps = [step_summary(rec.events, g[1], end, m, peak or None, sampler, hbm)
                      for g, end in zip(gens, ends, strict=True)]
             steady = steps[1:] or steps
             result["variants"][name] = {"settings": settings[name], "applied": applied,
@@ -468,7 +484,7 @@ def main() -> None:
                             "prompt_words": args.prompt_tokens, "response_tokens": args.response_tokens,
                             "minibatches": args.minibatches, "steps_per_variant": args.steps,
                             "enforce_eager": args.enforce_eager, "colocated_sleep": cuda},
-                  peak_tflops=peak / 1e12 or None,
+                  peak_tflops=peak / 1e12 or None, hbm_tbps=hbm / 1e12 if hbm else None,
                   flops_convention={"mfu_6n": "6*N*tokens per update, 2*N*tokens old log-probs; N all params",
                                     "mfu_with_attention": "+ 6*layers*heads*head_dim*sum(L^2) per update"},
                   versions=versions())

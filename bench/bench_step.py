@@ -439,6 +439,15 @@ def main() -> None:
     m = model_numbers(ctx.model_path)
     result: dict[str, Any] = {"bench": "step", **info, "shape": args.shape, **m, "start_order": args.start,
                               "startup": startup, "variants": {}}
+    result.update(workload={"prompts_per_step": args.prompts, "group_size": args.group_size,
+                            "prompt_words": args.prompt_tokens, "response_tokens": args.response_tokens,
+                            "minibatches": args.minibatches, "steps_per_variant": args.steps,
+                            "enforce_eager": args.enforce_eager, "colocated_sleep": cuda,
+                            "rollout_gpu_memory_utilization": cfg.rollout.gpu_memory_utilization},
+                  peak_tflops=peak / 1e12 or None, hbm_tbps=hbm / 1e12 if hbm else None,
+                  flops_convention={"mfu_6n": "6*N*tokens per update, 2*N*tokens old log-probs; N all params",
+                                    "mfu_with_attention": "+ 6*layers*heads*head_dim*sum(L^2) per update"},
+                  versions=versions())
     first_step_at = None
     try:
         for name in variants:
@@ -480,14 +489,6 @@ def main() -> None:
             n = means[name]
             result[f"{name}_over_baseline"] = {k: round(n[k] / b[k], 3) for k in (
                 "wall_s", "train_tokens_per_s", "old_logprobs_s", "sync_s", "learner_mfu_6n") if b.get(k) and n.get(k)}
-    result.update(workload={"prompts_per_step": args.prompts, "group_size": args.group_size,
-                            "prompt_words": args.prompt_tokens, "response_tokens": args.response_tokens,
-                            "minibatches": args.minibatches, "steps_per_variant": args.steps,
-                            "enforce_eager": args.enforce_eager, "colocated_sleep": cuda},
-                  peak_tflops=peak / 1e12 or None, hbm_tbps=hbm / 1e12 if hbm else None,
-                  flops_convention={"mfu_6n": "6*N*tokens per update, 2*N*tokens old log-probs; N all params",
-                                    "mfu_with_attention": "+ 6*layers*heads*head_dim*sum(L^2) per update"},
-                  versions=versions())
     write_json(result, out, partial=False)
     print(json.dumps({k: v for k, v in result.items() if k != "variants"} | {
         "variants": {k: v.get("steady_mean", v.get("error")) for k, v in result["variants"].items()}}, indent=1))

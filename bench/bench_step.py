@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 for _k, _v in (("VLLM_USE_FLASHINFER_SAMPLER", "0"), ("VLLM_CPU_KVCACHE_SPACE", "1"), ("TOKENIZERS_PARALLELISM",
                "false"), ("RAY_USAGE_STATS_ENABLED", "0"), ("NCCL_NVLS_ENABLE", "0"),
                ("VLLM_ALLOW_INSECURE_SERIALIZATION", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
-               ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")):
+               ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+               ("VLLM_LOGGING_LEVEL", "INFO")):  # INFO: the engine logs its start-up timings (``vllm_log``)
     os.environ.setdefault(_k, _v)
 
 from bench_rollout import QWEN3_06B, SPECIALS, build_qwen3_shape, device_info, versions  # noqa: E402  (also maps cascade_rl.actors)
@@ -420,6 +421,9 @@ def main() -> None:
     startup.update(imports_s=round(imports_s, 3), process_to_ready_s=round(time.perf_counter() - T_PROCESS, 3),
                    model_build_s_excluded=round(model_build_s, 3))
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"step_{'cuda' if cuda else 'cpu'}_{args.shape}.json"
+    import ray
+
+    logs_dir = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
     rec = Recorder()
     rollout = ctx.rollout
     ctx.learners = Timed(ctx.learners, rec, {"compute_logprobs": "old_logprobs", "train_policy": "update"},
@@ -479,6 +483,10 @@ def main() -> None:
             sampler.stop()
         ctx.tracker.end("FINISHED")
         ctx.shutdown_workers()
+    try:
+        startup["vllm_log"] = vllm_log_lines(logs_dir)
+    except OSError as exc:
+        startup["vllm_log"] = [f"unreadable: {exc}"]
     if first_step_at is not None:
         startup["start_to_first_step_s"] = round(first_step_at - t_start, 3)
         startup["process_to_first_step_s"] = round(first_step_at - T_PROCESS, 3)
@@ -492,6 +500,23 @@ def main() -> None:
     write_json(result, out, partial=False)
     print(json.dumps({k: v for k, v in result.items() if k != "variants"} | {
         "variants": {k: v.get("steady_mean", v.get("error")) for k, v in result["variants"].items()}}, indent=1))
+
+
+VLLM_TIMING_WORDS = ("took", "takes", "Graph capturing finished", "Maximum concurrency", "KV cache size",
+                     "Available KV cache memory")
+
+
+def vllm_log_lines(logs_dir: Path, limit: int = 40) -> list[str]:
+    """The engine's own start-up timings (model load, torch.compile, CUDA graph capture, KV cache) from the Ray
+    workers' logs: what the rollout group's start-up time is made of."""
+    lines: list[str] = []
+    for f in sorted(logs_dir.glob("worker-*.out")) + sorted(logs_dir.glob("worker-*.err")):
+        for line in f.read_text(errors="replace").splitlines():
+            if ("INFO" in line or "WARNING" in line) and any(w in line for w in VLLM_TIMING_WORDS):
+                reloads = sum("Reloading" in ln for ln in lines)  # one per weight sync: the first few say enough
+                if "Reloading" not in line or reloads < 4:
+                    lines.append(line.strip()[:300])
+    return lines[:limit]
 
 
 def write_json(result: dict[str, Any], out: Path, *, partial: bool) -> None:

@@ -1,5 +1,5 @@
-"""``bench/bench_step.py``'s arithmetic on made-up events: the generation roofline (KV-cache bytes every decode step
-must read) and the per-phase split of a step, with the numbers written out."""
+"""The step benchmark's arithmetic (``bench/step_metrics.py``) on made-up events: the generation roofline (KV-cache
+bytes every decode step must read) and the per-phase split of a step, with the numbers written out."""
 
 from __future__ import annotations
 
@@ -10,21 +10,21 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-bench_step = pytest.importorskip("bench_step")
+step_metrics = pytest.importorskip("step_metrics")
 
 
 def test_kv_reads_and_roofline_of_one_step() -> None:
     # two sequences: prompt 3 + response 2 reads 2·3 + 2·3/2 = 9 cached tokens; prompt 1 + response 4: 4 + 10 = 14
     batch = SimpleNamespace(prompt_token_ids=[[1, 2, 3], [4]], response_token_ids=[[5, 6], [7, 8, 9, 10]])
-    info = bench_step.learner_info("compute_logprobs", (batch,), None)
+    info = step_metrics.learner_info("compute_logprobs", (batch,), None)
     assert info["kv_token_reads"] == 9 + 14 and info["tokens"] == 5 + 5 and info["sum_len_sq"] == 25 + 25
     m = {"num_params": 10, "num_layers": 1, "attn_dim": 4, "weight_bytes": 20, "kv_bytes_per_token": 1000}
     # generate 2 s, old log-probs 1 s, one update 1 s (10 tokens), inside a 5 s step
     events = [("generate", 0.0, 2.0, {"output_tokens": 6}), ("old_logprobs", 2.0, 3.0, info),
               ("update", 3.0, 4.0, {"tokens": 10, "sum_len_sq": 50})]
-    out = bench_step.step_summary(events, 0.0, 5.0, m, None, None, hbm=1e4)
+    out = step_metrics.step_summary(events, 0.0, 5.0, m, None, None, hbm=1e4)
     # 23 reads · 1,000 B = 23,000 B at 10,000 B/s = 2.3 s, above the 2 s measured: share 2.3 / 2 = 1.15
     assert out["generate_kv_roofline_s"] == 2.3 and out["generate_share_of_roofline"] == 1.15
     assert out["generate_kv_read_tb"] == round(23_000 / 1e12, 3)
     assert out["update_s"] == [1.0] and out["driver_overhead_s"] == 1.0 and out["generate_tokens_per_s"] == 3.0
-    assert "generate_kv_roofline_s" not in bench_step.step_summary(events, 0.0, 5.0, m, None, None)  # no bandwidth
+    assert "generate_kv_roofline_s" not in step_metrics.step_summary(events, 0.0, 5.0, m, None, None)  # no bandwidth

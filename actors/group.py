@@ -210,9 +210,11 @@ class LearnerGroup:
         return chosen, rejected
 
     def train_policy(self, batch: SequenceBatch, *, loss: str, clip_low: float, clip_high: float,
-                     num_global_seqs: int | None = None, num_global_tokens: int | None = None) -> dict[str, float]:
-        """One optimizer step; the global counts default to the whole batch's."""
-        kwargs = dict(loss=loss, clip_low=clip_low, clip_high=clip_high,
+                     num_global_seqs: int | None = None, num_global_tokens: int | None = None,
+                     old_is_current: bool = False) -> dict[str, float]:
+        """One optimizer step; the global counts default to the whole batch's. ``old_is_current``: see
+        ``LearnerWorker.train_policy`` (π_old = this step's own detached forward)."""
+        kwargs = dict(loss=loss, clip_low=clip_low, clip_high=clip_high, old_is_current=old_is_current,
                       num_global_seqs=len(batch) if num_global_seqs is None else num_global_seqs,
                       num_global_tokens=(sum(len(r) for r in batch.response_token_ids) if num_global_tokens is None
                                          else num_global_tokens))

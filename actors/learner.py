@@ -177,16 +177,23 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
     # ------------------------------------------------------------------ training (one optimizer step each)
 
     def train_policy(self, batch: SequenceBatch, *, loss: str, clip_low: float, clip_high: float,
-                     num_global_seqs: int, num_global_tokens: int) -> dict[str, float]:
-        """One GSPO / GSPO-token / GRPO optimizer step on this rank's shard of the batch."""
-        check_policy_batch(batch)
+                     num_global_seqs: int, num_global_tokens: int, old_is_current: bool = False) -> dict[str, float]:
+        """One GSPO / GSPO-token / GRPO optimizer step on this rank's shard of the batch.
+
+        ``old_is_current``: π_old is the policy this step starts from (the first update after on-policy
+        generation), so the ratio's denominator is this forward's own log-probs, detached: the values
+        ``compute_logprobs`` would return, without its extra forward pass. ``batch.old_logprobs`` are then
+        optional and only compared: their mean |difference| per token is the metric ``behaviour_logprob_gap``.
+        """
+        check_policy_batch(batch, need_old=not old_is_current)
         by_tokens = TOKEN_WEIGHTED_METRICS[loss]
 
         def step(mb: MicroBatch, lps: list[Tensor], ents: list[Tensor]) -> tuple[Tensor, Metrics]:
             logprobs, mask = pad_rows(lps)  # (B, T)
-            old_cpu, _ = pad_rows([torch.tensor(batch.old_logprobs[u], dtype=torch.float32)
-                                   for u in mb.units])  # (B, T), built on the host
-            old = self._to_device(old_cpu)
+            given = None if batch.old_logprobs is None else self._to_device(pad_rows(
+                [torch.tensor(batch.old_logprobs[u], dtype=torch.float32) for u in mb.units])[0])  # (B, T)
+            old = logprobs.detach() if old_is_current else given
+            assert old is not None  # check_policy_batch: old log-probs are given unless old_is_current
             adv = self._to_device(torch.tensor([batch.advantages[u] for u in mb.units], dtype=torch.float32))  # (B,)
             value, metrics = compute_policy_loss(
                 loss, logprobs, old, adv, mask, clip_low=clip_low, clip_high=clip_high,
@@ -195,6 +202,9 @@ class LearnerWorker(LearnerSetupMixin, LearnerCheckpointMixin):
             num_tokens = sum(mb.response_lengths)
             out: Metrics = {name: (v, num_tokens if name in by_tokens else mb.num_seqs) for name, v in metrics.items()}
             out["entropy"] = (torch.cat(ents).sum() / max(num_tokens, 1), num_tokens)
+            if old_is_current and given is not None:
+                gap = ((given - logprobs.detach().float()).abs() * mask).sum() / max(num_tokens, 1)
+                out["behaviour_logprob_gap"] = (gap, num_tokens)
             return value, out
 
         return self._train_step(sequence_units(batch), batch.images, "train_policy", step, want_entropy=True)

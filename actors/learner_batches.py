@@ -238,13 +238,18 @@ def pair_units(batch: PairBatch) -> list[list[SequenceTokens]]:
             zip(batch.prompt_token_ids, batch.chosen_token_ids, batch.rejected_token_ids, strict=True)]
 
 
-def check_policy_batch(batch: SequenceBatch) -> None:
-    if batch.advantages is None or batch.old_logprobs is None:
+def check_policy_batch(batch: SequenceBatch, *, need_old: bool = True) -> None:
+    """Advantages per sequence and (unless ``need_old`` is off) old log-probs per response token."""
+    if batch.advantages is None or (need_old and batch.old_logprobs is None):
         raise ValueError("train_policy needs SequenceBatch.advantages (one per sequence) and .old_logprobs (one "
-                         "per response token; from compute_logprobs before the update)")
-    if len(batch.advantages) != len(batch) or len(batch.old_logprobs) != len(batch):
-        raise ValueError(f"train_policy: {len(batch)} sequences but {len(batch.advantages)} advantages and "
-                         f"{len(batch.old_logprobs)} old log-prob lists")
+                         "per response token; from compute_logprobs before the update, or old_is_current=True "
+                         "for the first on-policy update)")
+    if len(batch.advantages) != len(batch):
+        raise ValueError(f"train_policy: {len(batch)} sequences but {len(batch.advantages)} advantages")
+    if batch.old_logprobs is None:
+        return
+    if len(batch.old_logprobs) != len(batch):
+        raise ValueError(f"train_policy: {len(batch)} sequences but {len(batch.old_logprobs)} old log-prob lists")
     for i, (resp, old) in enumerate(zip(batch.response_token_ids, batch.old_logprobs, strict=True)):
         if len(resp) != len(old):
             raise ValueError(f"sequence {i}: {len(resp)} response tokens but {len(old)} old log-probs")

@@ -69,13 +69,17 @@ def run_gspo(ctx: RunContext, stage: StageConfig, index: int) -> None:
 
 
 def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[float], keep: list[int]) -> dict:
-    """One or more mini-batch updates on the kept sequences; old log-probs from the learner before any update.
+    """One or more mini-batch updates on the kept sequences; π_old is the policy before any update.
 
     The kept sequences are dealt round-robin into ``gspo.num_minibatches`` parts; an empty part (fewer kept
-    sequences than parts, or nothing kept) is no update. Metrics are means over the updates run (``*_min`` /
-    ``*_max``: the min / max over them). The LR schedule has ``num_steps × num_minibatches`` steps and each skipped
-    update still advances it one step (``skip_lr_steps``), so the LR is a function of the rollout step, as in
-    verl, and a stage ends at the schedule's end however many groups dynamic filtering dropped.
+    sequences than parts, or nothing kept) is no update. On-policy, the first update starts from π_old itself,
+    so its ratio's denominator is its own forward, detached (``old_is_current``, as TRL does with one iteration);
+    only the later parts need old log-probs from the learner, in one pass before the first update. With
+    ``gspo.overlap`` π_old is the behaviour policy (the engine's log-probs): the learner has moved one update past
+    it. Metrics are means over the updates run (``*_min`` / ``*_max``: the min / max over them). The LR schedule
+    has ``num_steps × num_minibatches`` steps and each skipped update still advances it one step
+    (``skip_lr_steps``), so the LR is a function of the rollout step, as in verl, and a stage ends at the
+    schedule's end however many groups dynamic filtering dropped.
     """
     g = stage.gspo
     parts = [keep[j :: g.num_minibatches] for j in range(g.num_minibatches)]
@@ -84,29 +88,40 @@ def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[fl
         ctx.learners.skip_lr_steps(g.num_minibatches - len(parts))
     if not parts:
         return {}
-    batch = SequenceBatch(prompt_token_ids=[list(gens[i].prompt_token_ids) for i in keep],
-                          response_token_ids=[list(gens[i].token_ids) for i in keep],
-                          advantages=[advantages[i] for i in keep])
-    # on-policy: the learner's own log-probs (no engine mismatch); overlapped: the behaviour policy's, since the
-    # learner has moved one update past the policy that generated the batch
-    batch.old_logprobs = ([list(gens[i].logprobs) for i in keep] if g.overlap
-                          else ctx.learners.compute_logprobs(batch))
-    position = {i: k for k, i in enumerate(keep)}  # sequence index -> row of ``batch``
-    runs = []
-    for part in parts:
-        mb = batch.select([position[i] for i in part])
+    behaviour = {i: list(gens[i].logprobs) for i in keep if gens[i].logprobs}  # absent: rollout.behaviour_logprobs=false
+    old = {i: behaviour[i] for i in keep} if g.overlap else {}
+    if not g.overlap and len(parts) > 1:  # the later parts' π_old, before the first update moves the policy
+        later = [i for p in parts[1:] for i in p]
+        old.update(zip(later, ctx.learners.compute_logprobs(_sequences(gens, advantages, later)), strict=True))
+    runs, gaps = [], []
+    for k, part in enumerate(parts):
+        first_on_policy = k == 0 and not g.overlap
+        mb = _sequences(gens, advantages, part)
+        # the first on-policy part carries the engine's log-probs (when logged) only for the learner to compare
+        mb.old_logprobs = ([behaviour[i] for i in part] if len(behaviour) == len(keep) else None) \
+            if first_on_policy else [old[i] for i in part]
         runs.append(ctx.learners.train_policy(mb, loss=g.loss, clip_low=g.clip_low, clip_high=g.clip_high,
-                                              num_global_seqs=len(mb),
+                                              num_global_seqs=len(mb), old_is_current=first_on_policy,
                                               num_global_tokens=sum(map(len, mb.response_token_ids))))
+        # engine vs learner on the same tokens: near 0 when weight sync works; growing = a stale or partial sync.
+        # Absent with rollout.behaviour_logprobs=false, and with overlap (π_old is then the engine's own log-probs).
+        n = sum(len(gens[i].token_ids) for i in part)
+        if first_on_policy and "behaviour_logprob_gap" in runs[-1]:
+            gaps.append((runs[-1].pop("behaviour_logprob_gap") * n, n))
+        elif not first_on_policy and not g.overlap and len(behaviour) == len(keep):
+            gaps.append((sum(abs(b - o) for i in part for b, o in zip(behaviour[i], old[i], strict=True)), n))
     perf = {"step_s": "perf/learner_step_s", "peak_mem_gib": "perf/learner_peak_mem_gib"}
-    out = {perf.get(k, f"train/{k}"): v for k, v in combine_minibatch_metrics(runs).items()}
-    # engine vs learner on the same tokens: near 0 when weight sync works; growing = a stale or partial sync.
-    # Absent with rollout.behaviour_logprobs=false, and with overlap (π_old is then the engine's own log-probs).
-    gaps = [] if g.overlap else [abs(b - o) for i, old in zip(keep, batch.old_logprobs, strict=True)
-                                 if gens[i].logprobs for b, o in zip(gens[i].logprobs, old, strict=True)]
-    if gaps:
-        out["rollout/behaviour_logprob_gap"] = sum(gaps) / len(gaps)
+    out = {perf.get(key, f"train/{key}"): v for key, v in combine_minibatch_metrics(runs).items()}
+    if gaps and sum(n for _, n in gaps):
+        out["rollout/behaviour_logprob_gap"] = sum(s for s, _ in gaps) / sum(n for _, n in gaps)
     return out
+
+
+def _sequences(gens: list, advantages: list[float], rows: list[int]) -> SequenceBatch:
+    """The learner's batch of generations ``rows`` (their advantages; old log-probs set by the caller)."""
+    return SequenceBatch(prompt_token_ids=[list(gens[i].prompt_token_ids) for i in rows],
+                         response_token_ids=[list(gens[i].token_ids) for i in rows],
+                         advantages=[advantages[i] for i in rows])
 
 
 def combine_minibatch_metrics(runs: list[dict[str, float]]) -> dict[str, float]:

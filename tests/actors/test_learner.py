@@ -156,6 +156,34 @@ def test_gspo_step_moves_weights_and_layout_budget_checkpointing_do_not_change_t
         torch.testing.assert_close(w1[n], w2[n], atol=1e-4, rtol=0)
 
 
+def test_first_update_with_old_is_current_is_the_update_from_computed_old_logprobs(tiny_lm: str) -> None:
+    """π_old = the step's own detached forward gives the loss, gradient and weights of the two-pass update
+    (compute_logprobs, then train_policy): ratio 1 either way, so GSPO's loss is -Σ A / 6 over the sequences with
+    response tokens (the 6th has none): -(0.5 - 1 + 2 + 0 + 0.25) / 6 = -1.75 / 6. The engine's log-probs it is
+    given (old + 0.1 per token) are only compared: gap 0.1."""
+    batch = random_batch(seed=2)
+    batch.advantages = [0.5, -1.0, 2.0, 0.0, 0.25, -0.75]
+    assert len(batch) == 6
+    tokens = sum(map(len, batch.response_token_ids))
+    kwargs = dict(loss="gspo", clip_low=0.2, clip_high=0.2, num_global_seqs=len(batch), num_global_tokens=tokens)
+    results = []
+    for old_is_current in (False, True):
+        w = make_worker(tiny_lm, micro_batch_tokens=16, packing="packed")
+        old = w.compute_logprobs(batch)
+        batch.old_logprobs = [[x + 0.1 for x in row] for row in old] if old_is_current else old
+        m = w.train_policy(batch, old_is_current=old_is_current, **kwargs)
+        results.append((m, weights(w)))
+    (m1, w1), (m2, w2) = results
+    assert m1["loss"] == pytest.approx(-1.75 / 6, abs=1e-5) and m2["loss"] == pytest.approx(-1.75 / 6, abs=1e-6)
+    assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+    assert m2["behaviour_logprob_gap"] == pytest.approx(0.1, abs=1e-4) and "behaviour_logprob_gap" not in m1
+    for n in w1:
+        torch.testing.assert_close(w1[n], w2[n], atol=1e-4, rtol=0)
+    batch.old_logprobs = None  # no π_old given and none to compute from: the error says which call gives one
+    with pytest.raises(ValueError, match="old_is_current=True"):
+        make_worker(tiny_lm).train_policy(batch, **kwargs)
+
+
 @pytest.mark.parametrize("loss", ["gspo", "grpo"])
 def test_policy_step_raises_positive_and_lowers_negative_advantage_sequences(tiny_lm: str, loss: str) -> None:
     """The sign check no invariance test can make: after a few updates with A = (+1, -1) on two sequences, the

@@ -90,28 +90,39 @@ class FakeReward:
 
 
 class FakeLearner:
-    """Records calls; ``train_policy`` reports ``ratio_min``/``ratio_max``/``loss`` from the batch it got."""
+    """Records calls; ``train_policy`` reports ``ratio_min``/``ratio_max``/``loss`` from the batch it got.
 
-    def __init__(self) -> None:
+    Its policy gives every token log-prob ``logprob`` (``compute_logprobs``) before the first update and
+    ``current_logprob`` in an ``old_is_current`` update's own forward, which it compares with the log-probs it was
+    given (``behaviour_logprob_gap``, as the real learner does).
+    """
+
+    def __init__(self, logprob: float = -0.25, current_logprob: float = -0.25) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.schedule_step = 0
         self.schedule_total: int | None = None
+        self.logprob, self.current_logprob = logprob, current_logprob
 
     def compute_logprobs(self, batch: SequenceBatch) -> list[list[float]]:
         self.calls.append(("compute_logprobs", {"n": len(batch)}))
-        return [[-0.25] * len(r) for r in batch.response_token_ids]
+        return [[self.logprob] * len(r) for r in batch.response_token_ids]
 
     def compute_pair_logps(self, batch: PairBatch) -> tuple[list[float], list[float]]:
         return [-1.0] * len(batch), [-2.0] * len(batch)
 
     def train_policy(self, batch: SequenceBatch, *, loss: str, clip_low: float, clip_high: float,
-                     num_global_seqs: int | None = None, num_global_tokens: int | None = None) -> dict[str, float]:
+                     num_global_seqs: int | None = None, num_global_tokens: int | None = None,
+                     old_is_current: bool = False) -> dict[str, float]:
         self.calls.append(("train_policy", {"n": len(batch), "num_global_seqs": num_global_seqs,
                                             "num_global_tokens": num_global_tokens, "loss": loss,
-                                            "old_logprobs": batch.old_logprobs}))
+                                            "old_logprobs": batch.old_logprobs, "old_is_current": old_is_current}))
         self.schedule_step += 1
         n = float(len(batch))
-        return {"loss": n, "ratio_min": 1.0 - n / 100, "ratio_max": 1.0 + n / 100}
+        out = {"loss": n, "ratio_min": 1.0 - n / 100, "ratio_max": 1.0 + n / 100}
+        if old_is_current and batch.old_logprobs is not None:
+            given = [abs(b - self.current_logprob) for row in batch.old_logprobs for b in row]
+            out["behaviour_logprob_gap"] = sum(given) / len(given)
+        return out
 
     def train_mpo(self, batch: PairBatch, *, terms: list[tuple[str, float]], beta: float,
                   num_global_pairs: int | None = None) -> dict[str, float]:

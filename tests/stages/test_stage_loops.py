@@ -52,13 +52,49 @@ def test_update_with_fewer_sequences_than_minibatches(tmp_path: Path):
     metrics = _update(ctx, stage, out.generations, [0.0, 1.0, 0, 0, -1.0, 0, 0.5, 0], [1, 4, 6])
     trains = [kw for name, kw in learners.calls if name == "train_policy"]
     assert [t["n"] for t in trains] == [1, 1, 1]
+    # on-policy: only the later parts [4] and [6] need π_old from the learner, in one pass before any update
     assert learners.names() == ["skip_lr_steps", "compute_logprobs", "train_policy", "train_policy", "train_policy"]
+    assert learners.calls[1] == ("compute_logprobs", {"n": 2})
+    assert [t["old_is_current"] for t in trains] == [True, False, False]
     assert learners.calls[0] == ("skip_lr_steps", {"num_steps": 1})
     assert learners.schedule_step == 4  # 3 updates + 1 skipped = num_minibatches
     assert metrics["train/loss"] == 1.0  # mean over the 3 updates run (was 3/4 = 0.75: divided by 4 slots)
     assert metrics["train/ratio_min"] == pytest.approx(0.99) and metrics["train/ratio_max"] == pytest.approx(1.01)
     # sequence tokens: sample 1 -> 2 tokens, 4 -> sample 0 of prompt 1 -> 1 token, 6 -> sample 2 -> 3 tokens
     assert [t["num_global_tokens"] for t in trains] == [2, 1, 3]
+
+
+def test_first_on_policy_update_is_its_own_old_policy_and_the_gap_covers_every_part(tmp_path: Path):
+    # kept [1, 4, 6] into 2 parts: [1, 6] and [4]. Tokens (lengths 1, 2, 3, 1, ... by sample index): seq 1 -> 2,
+    # seq 6 -> sample 2 of prompt 1 -> 3, seq 4 -> sample 0 of prompt 1 -> 1.
+    # Part 1 trains with old_is_current (no old-log-prob pass for it) and gets the engine's -0.25s to compare:
+    # the fake's own forward says -0.75, gap 0.5 on 5 tokens. Part 2's π_old comes from compute_logprobs (-0.5):
+    # gap |-0.25 - -0.5| = 0.25 on 1 token. Gap over all 6 tokens: (0.5 * 5 + 0.25 * 1) / 6 = 2.75 / 6.
+    stage = _gspo(num_minibatches=2)
+    ctx = make_ctx(tmp_path, [stage], make_prompts([1, 1]), group_size=4)
+    ctx.learners = FakeLearner(logprob=-0.5, current_logprob=-0.75)
+    out = ctx.rollout.generate(ctx.train_prompts, 4)
+    metrics = _update(ctx, stage, out.generations, [0.0, 1.0, 0, 0, -1.0, 0, 0.5, 0], [1, 4, 6])
+    learners: FakeLearner = ctx.learners
+    assert learners.names() == ["compute_logprobs", "train_policy", "train_policy"]
+    assert learners.calls[0] == ("compute_logprobs", {"n": 1})  # seq 4 only
+    first, second = [kw for name, kw in learners.calls if name == "train_policy"]
+    assert first["old_is_current"] and first["old_logprobs"] == [[-0.25] * 2, [-0.25] * 3]  # engine's, to compare
+    assert not second["old_is_current"] and second["old_logprobs"] == [[-0.5]]
+    assert metrics["rollout/behaviour_logprob_gap"] == pytest.approx(2.75 / 6)
+    assert "train/behaviour_logprob_gap" not in metrics  # one gap, the stage's
+
+
+def test_one_minibatch_on_policy_makes_no_old_logprob_pass(tmp_path: Path):
+    # num_minibatches=1: the only update starts from π_old, so compute_logprobs is never called (was one full
+    # forward of every kept sequence per step); the gap comes from the update itself: |-0.25 - -0.25| = 0
+    stage = _gspo(num_minibatches=1)
+    ctx = make_ctx(tmp_path, [stage], make_prompts([1, 1]), group_size=4)
+    out = ctx.rollout.generate(ctx.train_prompts, 4)
+    metrics = _update(ctx, stage, out.generations, [0.5] * 8, [0, 1, 2])
+    learners: FakeLearner = ctx.learners  # type: ignore[assignment]
+    assert learners.names() == ["train_policy"]
+    assert metrics["rollout/behaviour_logprob_gap"] == 0.0
 
 
 def test_update_with_nothing_kept_skips_every_update(tmp_path: Path):

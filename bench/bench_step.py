@@ -323,7 +323,9 @@ def main() -> None:
             write_json(result, out, partial=True)  # what a time limit would otherwise lose
         failed = any("error" in v for v in result["variants"].values())
         if variants and rec.last_update is not None and not args.no_profile and not failed:
-            try:
+            try:  # with the engine asleep, as in a step (awake it holds its share: the update ran out of memory)
+                if cfg.rollout.sleep_when_idle:
+                    rollout.sleep()
                 result["profile"] = profile_update(ctx.learners, rec.last_update, variants[-1])
             except Exception:
                 result["profile"] = {"error": traceback.format_exc()[-2000:]}

@@ -143,8 +143,10 @@ def step_summary(events: list, t0: float, t1: float, m: dict[str, Any], peak: fl
         learner_s = train_s + sum(e[2] - e[1] for e in olp)
         flops = sum(6 * n * e[3]["tokens"] for e in updates) + sum(2 * n * e[3]["tokens"] for e in olp)
         out["learner_mfu_6n"] = round(flops / max(learner_s, 1e-9) / peak, 4)
-    reads = sum(e[3].get("kv_token_reads", 0) for e in mine if e[0] == "old_logprobs")
-    if hbm and reads:  # the old-log-prob batch is the step's generated responses with their prompts
+    # the updates' batches are the step's generated responses with their prompts, each once (the old-log-prob
+    # batch holds only the later mini-batches: the first update is its own π_old)
+    reads = sum(e[3].get("kv_token_reads", 0) for e in mine if e[0] == "update")
+    if hbm and reads:
         out["generate_kv_read_tb"] = round(reads * m["kv_bytes_per_token"] / 1e12, 3)
         out["generate_kv_roofline_s"] = round(reads * m["kv_bytes_per_token"] / hbm, 3)
         out["generate_share_of_roofline"] = round(out["generate_kv_roofline_s"] / max(out["generate_s"], 1e-9), 3)

@@ -88,8 +88,9 @@ def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[fl
         ctx.learners.skip_lr_steps(g.num_minibatches - len(parts))
     if not parts:
         return {}
-    behaviour = {i: list(gens[i].logprobs) for i in keep if gens[i].logprobs}  # absent: rollout.behaviour_logprobs=false
-    old = {i: behaviour[i] for i in keep} if g.overlap else {}
+    behaviour = {i: list(gens[i].logprobs) for i in keep}  # the engine's; empty with rollout.behaviour_logprobs=false
+    logged = all(len(gens[i].logprobs) == len(gens[i].token_ids) for i in keep)
+    old = dict(behaviour) if g.overlap else {}
     if not g.overlap and len(parts) > 1:  # the later parts' π_old, before the first update moves the policy
         later = [i for p in parts[1:] for i in p]
         old.update(zip(later, ctx.learners.compute_logprobs(_sequences(gens, advantages, later)), strict=True))
@@ -97,19 +98,20 @@ def _update(ctx: RunContext, stage: StageConfig, gens: list, advantages: list[fl
     for k, part in enumerate(parts):
         first_on_policy = k == 0 and not g.overlap
         mb = _sequences(gens, advantages, part)
-        # the first on-policy part carries the engine's log-probs (when logged) only for the learner to compare
-        mb.old_logprobs = ([behaviour[i] for i in part] if len(behaviour) == len(keep) else None) \
-            if first_on_policy else [old[i] for i in part]
+        if first_on_policy:  # π_old is this update's own forward: the engine's log-probs go along only to be compared
+            mb.old_logprobs = [behaviour[i] for i in part] if logged else None
+        else:
+            mb.old_logprobs = [old[i] for i in part]
         runs.append(ctx.learners.train_policy(mb, loss=g.loss, clip_low=g.clip_low, clip_high=g.clip_high,
                                               num_global_seqs=len(mb), old_is_current=first_on_policy,
                                               num_global_tokens=sum(map(len, mb.response_token_ids))))
         # engine vs learner on the same tokens: near 0 when weight sync works; growing = a stale or partial sync.
         # Absent with rollout.behaviour_logprobs=false, and with overlap (π_old is then the engine's own log-probs).
+        if g.overlap or not logged:
+            continue
         n = sum(len(gens[i].token_ids) for i in part)
-        if first_on_policy and "behaviour_logprob_gap" in runs[-1]:
-            gaps.append((runs[-1].pop("behaviour_logprob_gap") * n, n))
-        elif not first_on_policy and not g.overlap and len(behaviour) == len(keep):
-            gaps.append((sum(abs(b - o) for i in part for b, o in zip(behaviour[i], old[i], strict=True)), n))
+        gaps.append((runs[-1].pop("behaviour_logprob_gap") * n if first_on_policy else
+                     sum(abs(b - o) for i in part for b, o in zip(behaviour[i], old[i], strict=True)), n))
     perf = {"step_s": "perf/learner_step_s", "peak_mem_gib": "perf/learner_peak_mem_gib"}
     out = {perf.get(key, f"train/{key}"): v for key, v in combine_minibatch_metrics(runs).items()}
     if gaps and sum(n for _, n in gaps):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,25 @@ def test_one_minibatch_on_policy_makes_no_old_logprob_pass(tmp_path: Path):
     learners: FakeLearner = ctx.learners  # type: ignore[assignment]
     assert learners.names() == ["train_policy"]
     assert metrics["rollout/behaviour_logprob_gap"] == 0.0
+
+
+def test_an_empty_response_keeps_the_gap_and_the_overlap_update(tmp_path: Path):
+    # seq 1 made empty (no tokens, no log-probs) beside seq 2 (3 tokens at -0.25). On-policy, one part: the fake's
+    # own forward says -0.5, gap |-0.25 - -0.5| = 0.25 over the 3 tokens (the empty one adds none). With overlap
+    # the empty row's π_old is its empty engine list
+    for overlap in (False, True):
+        stage = _gspo(num_minibatches=1, overlap=overlap)
+        ctx = make_ctx(tmp_path / str(overlap), [stage], make_prompts([1, 1]), group_size=4)
+        ctx.learners = FakeLearner(current_logprob=-0.5)
+        gens = list(ctx.rollout.generate(ctx.train_prompts, 4).generations)
+        gens[1] = dataclasses.replace(gens[1], token_ids=[], logprobs=[])
+        metrics = _update(ctx, stage, gens, [0.5] * 8, [1, 2])
+        (train,) = [kw for name, kw in ctx.learners.calls if name == "train_policy"]
+        assert train["old_logprobs"] == [[], [-0.25] * 3]
+        if overlap:
+            assert "rollout/behaviour_logprob_gap" not in metrics
+        else:
+            assert metrics["rollout/behaviour_logprob_gap"] == pytest.approx(0.25)
 
 
 def test_update_with_nothing_kept_skips_every_update(tmp_path: Path):

@@ -73,8 +73,8 @@ def _kill_when_busy(pid: int, *, cpu_s: float = 0.15, timeout_s: float = 60.0) -
     raise AssertionError(f"process {pid} never got busy within {timeout_s} s")
 
 
-def _prompts() -> list[tuple[list[dict[str, str]], list[str]]]:
-    return [([{"role": "user", "content": f"What is {i} + {3 * i + 2}?"}], []) for i in range(NUM_PROMPTS)]
+def _prompts(num: int = NUM_PROMPTS) -> list[tuple[list[dict[str, str]], list[str]]]:
+    return [([{"role": "user", "content": f"What is {i} + {3 * i + 2}?"}], []) for i in range(num)]
 
 
 def _policy_batch(result: Any, repeat: int = 1) -> Any:
@@ -185,18 +185,23 @@ def test_a_reward_worker_that_dies_on_every_try_gives_a_clear_error(ray_session:
 
 
 def test_rollout_worker_killed_mid_generation_is_resynced_and_regenerates(learners: Any, rollout: Any) -> None:
-    prompts = _prompts()
+    prompts = _prompts(4 * NUM_PROMPTS)  # worker 1's share then takes ~0.7 CPU s here, so a kill lands well inside it
     start = rollout.generate(prompts, N, greedy=True)  # policy version 0: the start weights
     learners.train_policy(_policy_batch(start), loss="gspo", clip_low=0.2, clip_high=0.2)
     rollout.sync_from(learners, version=3)
+    pid = _pid(rollout.workers[1])
+    before = _cpu_s(pid)
     reference = rollout.generate(prompts, N, greedy=True)
+    call_cpu_s = _cpu_s(pid) - before  # what worker 1's share of this generate costs, undisturbed
+    assert call_cpu_s > 0.3, f"worker 1 used {call_cpu_s:.3f} CPU s: too short a call to kill inside it"
     moved = max(abs(a - b) for x, y in zip(start.generations, reference.generations, strict=True)
                 for a, b in zip(x.logprobs, y.logprobs, strict=False))
     assert moved > 1e-3, "the training step must change the policy, or a missed re-sync could not be seen"
 
-    pid = _pid(rollout.workers[1])
     thread, out = _run_in_thread(lambda: rollout.generate(prompts, N, greedy=True))
-    _kill_when_busy(pid)
+    # a third of the way into the same call (a fixed CPU budget could outlast a fast worker's whole share)
+    killed_at = _kill_when_busy(pid, cpu_s=call_cpu_s / 3)
+    assert killed_at < call_cpu_s, f"killed after {killed_at:.3f} of {call_cpu_s:.3f} CPU s: past the call"
     thread.join(timeout=300)
     assert not thread.is_alive() and "error" not in out, out.get("error")
     result = out["value"]
@@ -204,8 +209,8 @@ def test_rollout_worker_killed_mid_generation_is_resynced_and_regenerates(learne
     assert rollout.num_restarts == 1 and _pid(rollout.workers[1]) != pid
     assert rollout.policy_versions() == [3, 3]  # the new worker loaded the kept weights at the same version
     keys = [(g.prompt_index, g.sample_index) for g in result.generations]
-    assert keys == [(i, j) for i in range(NUM_PROMPTS) for j in range(N)]  # none lost, none twice
-    assert result.num_prompts == NUM_PROMPTS and {g.policy_version for g in result.generations} == {3}
+    assert keys == [(i, j) for i in range(len(prompts)) for j in range(N)]  # none lost, none twice
+    assert result.num_prompts == len(prompts) and {g.policy_version for g in result.generations} == {3}
     for got, want in zip(result.generations, reference.generations, strict=True):
         assert got.token_ids == want.token_ids and len(got.token_ids) == RESPONSE_TOKENS
         assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) < 1e-5

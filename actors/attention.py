@@ -264,8 +264,10 @@ class LearnerSpeedControls:
                 table = averages.table(sort_by=key, row_limit=30)
                 break
             except (AttributeError, KeyError, ValueError):
-                table = ""
-        return {"metrics": metrics, "table": table}
+                table, key = "", "self_cpu_time_total"
+        ops = sorted(({"name": e.key, "self_ms": getattr(e, key, 0.0) / 1e3, "calls": e.count} for e in averages),
+                     key=lambda o: -o["self_ms"])
+        return {"metrics": metrics, "table": table, "ops": [o for o in ops if o["self_ms"] > 0]}
 
 
 HALF_DTYPES = ("bfloat16", "float16")  # FlashAttention kernels (varlen, flash_attention_2) run in these only

@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--attn-implementation", default="auto")
+    ap.add_argument("--fused-kernels", default="auto", help="learner.fused_kernels: auto | liger | none")
+    ap.add_argument("--profile", action="store_true", help="one more step under torch.profiler: op families, top ops")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s (H100 SXM bf16: 989)")
@@ -100,7 +102,9 @@ def main() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     import torch
+    from cascade_rl.actors.attention import LearnerSpeedControls
     from cascade_rl.actors.learner import LearnerSpec, LearnerWorker
+    from step_metrics import op_shares
 
     from cascade_rl.stages.workers import spec_with
 
@@ -114,9 +118,14 @@ def main() -> None:
         path = str(build_qwen3_shape(Path(args.model_dir)))
     spec = spec_with(LearnerSpec, model_path=path, dtype=args.dtype, zero_stage=args.zero_stage, lr=1e-6,
                        micro_batch_tokens=args.micro_batch_tokens, gradient_checkpointing=args.gradient_checkpointing,
-                       total_steps=args.warmup + args.steps, attn_implementation=args.attn_implementation)
+                       total_steps=args.warmup + args.steps + 1, attn_implementation=args.attn_implementation,
+                       fused_kernels=args.fused_kernels)
+
+    class Learner(LearnerSpeedControls, LearnerWorker):  # the actor's mixin: profile_train_policy
+        pass
+
     t0 = time.perf_counter()
-    worker = LearnerWorker(spec, 0, 1, "127.0.0.1", free_port())
+    worker = Learner(spec, 0, 1, "127.0.0.1", free_port())
     start_s = time.perf_counter() - t0
     num_params = sum(p.numel() for p in worker.model.parameters())  # tied weights once
     batch = make_batch(args, worker.model.config.get_text_config().vocab_size)
@@ -132,6 +141,15 @@ def main() -> None:
                                    num_global_tokens=sum(map(len, batch.response_token_ids)))
 
     train_s, metrics = timed(step, args.warmup, args.steps)
+    profile = None
+    if args.profile:
+        t0 = time.perf_counter()
+        out = worker.profile_train_policy(batch, loss="gspo", clip_low=0.2, clip_high=0.28, num_global_seqs=len(batch),
+                                          num_global_tokens=sum(map(len, batch.response_token_ids)))
+        wall = time.perf_counter() - t0
+        step_s = out["metrics"].get("step_s") or wall  # the update itself, without the profiler start
+        profile = {"wall_s": round(wall, 3), "step_s": step_s, **op_shares(out["ops"], step_s),
+                   "top_ops": out["table"].splitlines()}
     peak = args.peak_tflops * 1e12
     result = {
         "bench": "learner", **device_info(args.device), "objective": "gspo (clip 0.2 / 0.28)",
@@ -150,6 +168,8 @@ def main() -> None:
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "worker_start_s": round(start_s, 1), "loss": metrics["loss"], "grad_norm": metrics.get("grad_norm"),
         "torch": torch.__version__, "repeats": args.steps,
+        **{k: worker.fused[k] for k in ("fused_kernels", "fused_modules", "fused_check_diff")},
+        "profile": profile,
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"learner_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

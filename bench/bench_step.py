@@ -67,6 +67,7 @@ from step_metrics import (  # noqa: E402
     learner_info,
     mean_of,
     model_numbers,
+    op_shares,
     step_summary,
     vllm_log_lines,
     write_json,
@@ -360,8 +361,9 @@ def profile_update(learners: Any, call: tuple[tuple, dict[str, Any]], variant: s
     args, kwargs = call
     t0 = time.perf_counter()
     out = ray.get(learners.workers[0].profile_train_policy.remote(*args, **kwargs))
-    return {"variant": variant, "wall_s": round(time.perf_counter() - t0, 3),
-            "step_s": out["metrics"].get("step_s"), "top_ops": out["table"].splitlines()}
+    step_s = out["metrics"].get("step_s")
+    return {"variant": variant, "wall_s": round(time.perf_counter() - t0, 3), "step_s": step_s,
+            **op_shares(out["ops"], step_s or 0.0), "top_ops": out["table"].splitlines()}
 
 
 if __name__ == "__main__":

@@ -191,6 +191,31 @@ def vllm_log_lines(logs_dir: Path, limit: int = 40) -> list[str]:
     return lines[:limit]
 
 
+# Operator families of a profiled update, first match wins (names as torch.profiler reports kernels and aten ops).
+OP_FAMILIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("lm_head_softmax", ("log_softmax", "logsumexp", "softmax", "cross_entropy", "nll_loss", "gather")),
+    ("fused_norm_rope_mlp", ("liger", "rms_norm", "rope", "swiglu", "triton")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "_amp_")),
+    ("matmul", ("gemm", "aten::mm", "aten::addmm", "aten::bmm", "matmul", "cutlass", "nvjet", "xmma", "cublas")),
+    ("copy_cast", ("copy", "memcpy", "memset", "aten::to", "aten::cat", "fill", "clone")),
+)
+
+
+def op_shares(ops: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    """Where a profiled update's device time went: each family's share of the summed self time (``other``: the
+    rest, mostly elementwise kernels), and ``busy`` = summed self time / wall (below 1: the device waited on the
+    host, or CPU-only ops ran)."""
+    totals = {name: 0.0 for name, _ in OP_FAMILIES} | {"other": 0.0}
+    for op in ops:
+        low = op["name"].lower()
+        family = next((name for name, words in OP_FAMILIES if any(w in low for w in words)), "other")
+        totals[family] += op["self_ms"]
+    total_ms = sum(totals.values())
+    return {"device_ms": round(total_ms, 1), "busy": round(total_ms / 1e3 / wall_s, 3) if wall_s else None,
+            "shares": {k: round(v / total_ms, 3) if total_ms else 0.0 for k, v in totals.items()}}
+
+
 def write_json(result: dict[str, Any], out: Path, *, partial: bool) -> None:
     """Atomically (re)write the JSON; ``partial`` marks one written after a variant, before the run ended."""
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,3 +33,21 @@ def test_kv_reads_and_roofline_of_one_step() -> None:
     assert out["generate_kv_read_tb"] == round(23_000 / 1e12, 3)
     assert out["update_s"] == [1.0, 1.0] and out["driver_overhead_s"] == 1.0 and out["generate_tokens_per_s"] == 3.0
     assert "generate_kv_roofline_s" not in step_metrics.step_summary(events, 0.0, 6.0, m, None, None)  # no bandwidth
+
+
+def test_op_shares_of_a_profiled_update() -> None:
+    # 2 s of an update: gemm 600 ms, flash 200 ms, Liger's RMSNorm 100 ms, log-softmax 50 ms, Adam 30 ms, a copy
+    # 20 ms and an elementwise add 0 ms self time are 1,000 ms of device time, so the device was busy half the wall
+    ops = [{"name": "nvjet_tst_128x256_gemm", "self_ms": 500.0}, {"name": "sm90_xmma_gemm_bf16", "self_ms": 100.0},
+           {"name": "flash_fwd_splitkv_kernel", "self_ms": 150.0}, {"name": "FlashAttnBwd", "self_ms": 50.0},
+           {"name": "_rms_norm_forward_kernel", "self_ms": 100.0},
+           {"name": "cunn_SoftMaxForward<LogSoftMaxForwardEpilogue>", "self_ms": 50.0},
+           {"name": "multi_tensor_apply_kernel<AdamFunctor>", "self_ms": 30.0},
+           {"name": "Memcpy DtoD (Device -> Device)", "self_ms": 20.0},
+           {"name": "vectorized_elementwise_kernel<add>", "self_ms": 0.0}]
+    out = step_metrics.op_shares(ops, wall_s=2.0)
+    assert out["device_ms"] == 1000.0 and out["busy"] == 0.5
+    assert out["shares"] == {"attention": 0.2, "lm_head_softmax": 0.05, "fused_norm_rope_mlp": 0.1, "optimizer": 0.03,
+                             "matmul": 0.6, "copy_cast": 0.02, "other": 0.0}
+    assert step_metrics.op_shares([], wall_s=0.0) == {"device_ms": 0.0, "busy": None, "shares": dict.fromkeys(
+        ["attention", "lm_head_softmax", "fused_norm_rope_mlp", "optimizer", "matmul", "copy_cast", "other"], 0.0)}

@@ -161,6 +161,9 @@ def test_a_live_learner_switches_attention_and_profiles_an_update(tiny_lm: Path)
     out = w.profile_train_policy(batch, loss="gspo", clip_low=0.2, clip_high=0.2, num_global_seqs=len(batch),
                                  num_global_tokens=sum(map(len, batch.response_token_ids)))
     assert out["metrics"]["grad_norm"] > 0 and "aten::mm" in out["table"]
+    mm = next(o for o in out["ops"] if o["name"] == "aten::mm")
+    assert mm["self_ms"] > 0 and mm["calls"] > 0
+    assert [o["self_ms"] for o in out["ops"]] == sorted((o["self_ms"] for o in out["ops"]), reverse=True)
 
 
 def test_fused_path_calls_the_kernel_causally_with_matching_heads() -> None:

@@ -160,6 +160,15 @@ def engine_kwargs(spec: RolloutSpec, on_gpu: bool, image_kwargs: dict[str, Any] 
     return kwargs
 
 
+def engine_inline(spec: RolloutSpec, on_gpu: bool) -> bool:
+    """``rollout.engine_process``: run vLLM's engine core inside this actor (``inline``; ``auto`` on CPU, where it
+    starts ~2x faster: no child process importing vLLM again) or in its own child process (``separate``; ``auto``
+    on GPU, where that process overlaps scheduling and output handling with the model's kernels)."""
+    if spec.engine_process not in ("auto", "inline", "separate"):
+        raise ValueError(f"rollout.engine_process={spec.engine_process!r}: valid values are auto, inline, separate")
+    return spec.engine_process == "inline" or (spec.engine_process == "auto" and not on_gpu)
+
+
 def cpu_thread_binding(cpus: list[int], tensor_parallel_size: int) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for a tensor-parallel engine on CPU: the cores this process may use, split into
     ``tensor_parallel_size`` contiguous groups, one per vLLM process (``"0,1|2,3"``: 4 cores, 2 processes).
@@ -198,6 +207,8 @@ class VLLMBackend:
             tp = spec.tensor_parallel_size
             if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and _numa_nodes() < tp:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(list(os.sched_getaffinity(0)), tp)
+        # read when the engine starts (vllm.envs is evaluated on access): in-process engine core or a child process
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if engine_inline(spec, self.on_gpu) else "1"
         from vllm import LLM
 
         self.renderer = PromptRenderer(spec.model_path, max_tiles=spec.max_tiles, is_vlm=spec.is_vlm)

@@ -33,6 +33,7 @@ class RolloutSpec(WorkerSpec):
     kv_cache_gib: int
     enforce_eager: bool
     sleep_when_idle: bool
+    engine_process: str  # auto | inline | separate: vLLM's engine core in this actor or a child process
     behaviour_logprobs: bool
     ignore_eos: bool
     max_images_per_prompt: int

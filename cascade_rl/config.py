@@ -74,6 +74,10 @@ class RolloutConfig:
     kv_cache_gib: int = doc(1, "vLLM KV-cache size on CPU (GiB)")
     enforce_eager: bool = doc(True, "disable CUDA graphs / compilation (faster start, slower generation)")
     sleep_when_idle: bool = doc(False, "put vLLM to sleep while learners train (colocated GPUs)")
+    engine_process: Literal["auto", "inline", "separate"] = doc(
+        "separate", "where vLLM's engine core runs: inline in the rollout actor (its start skips a process and a "
+                    "second vLLM import) or in a separate child process (overlaps scheduling with the model); auto: "
+                    "inline on CPU, separate on GPU")
     behaviour_logprobs: bool = doc(True, "vLLM returns each sampled token's log-prob (logged in rollout records; "
                                          "needed by gspo.overlap); on costs vLLM 0.26 a third of its GPU throughput")
     ignore_eos: bool = doc(False, "keep generating past EOS to max_response_tokens (benchmarks: fixed lengths)")

@@ -294,3 +294,12 @@ def test_hf_backend_serves_the_tiny_vlm_with_images(make_rollout_spec: Any, tiny
     assert image_id not in first[1].prompt_token_ids  # the text-only prompt
     with pytest.raises(FileNotFoundError, match="missing.png"):
         worker.generate([([{"role": "user", "content": "x"}], [str(tmp_path / "missing.png")])], 1)
+
+
+def test_engine_process_picks_inline_or_a_child_process(make_rollout_spec: Any) -> None:
+    from cascade_rl.actors.rollout import engine_inline
+
+    assert [engine_inline(make_rollout_spec("m", engine_process=e), on_gpu=g) for e in ("auto", "inline", "separate")
+            for g in (False, True)] == [True, False, True, True, False, False]
+    with pytest.raises(ValueError, match="rollout.engine_process='thread': valid values are auto, inline, separate"):
+        engine_inline(make_rollout_spec("m", engine_process="thread"), on_gpu=False)

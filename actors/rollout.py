@@ -304,9 +304,10 @@ class VLLMBackend:
         self.llm.collective_rpc("cascade_end_shared_load")
         self._weights_changed()
 
-    def load_persistent(self, buffers: list[Any] | None) -> None:
-        self.llm.collective_rpc("cascade_load_persistent", args=(buffers,))
+    def load_persistent(self, buffers: list[Any] | None) -> list[str]:
+        how = self.llm.collective_rpc("cascade_load_persistent", args=(buffers,))
         self._weights_changed()
+        return how
 
     def _weights_changed(self) -> None:
         """Drop what vLLM cached from the old weights: the prefix KV cache and, where this vLLM has one, the
@@ -460,11 +461,12 @@ class RolloutWorker:
         self._vllm("CUDA IPC weight sync").end_shared_load()
         self._version = version
 
-    def load_persistent(self, buffers: list[Any] | None, version: int) -> None:
+    def load_persistent(self, buffers: list[Any] | None, version: int) -> list[str]:
         """CUDA IPC from the learner's persistent buffers (``weight_sync.PersistentBuffers``); ``None``: already
-        mapped by an earlier call."""
-        self._vllm("CUDA IPC weight sync").load_persistent(buffers)
+        mapped by an earlier call. Returns how each vLLM worker loaded (``weight_sync.load_persistent_views``)."""
+        how = self._vllm("CUDA IPC weight sync").load_persistent(buffers)
         self._version = version
+        return how
 
     def _vllm(self, what: str) -> VLLMBackend:
         if not isinstance(self.engine, VLLMBackend):

@@ -138,11 +138,13 @@ class IpcSync:
         ranks, workers = self.learners.workers, self.rollout.workers
         staged = ray.get([rank.stage_weights_ipc.remote(i < len(workers), bucket_mb) for i, rank in enumerate(ranks)])
         t0 = time.perf_counter()
-        ray.get([w.load_persistent.remote(None if i in self.mapped else staged[i]["buffers"], version)
-                 for i, w in enumerate(workers)])
+        how = ray.get([w.load_persistent.remote(None if i in self.mapped else staged[i]["buffers"], version)
+                       for i, w in enumerate(workers)])
         self.mapped = set(range(len(workers)))
+        loads = [h for per_worker in how for h in per_worker]
         return {"sync_bytes": staged[0]["sync_bytes"], "broadcast_s": max(s["sync_s"] for s in staged),
-                "receive_s": time.perf_counter() - t0}
+                "receive_s": time.perf_counter() - t0,
+                "replayed_share": sum(h == "replayed" for h in loads) / max(len(loads), 1)}
 
     def restarted(self, i: int, version: int) -> None:
         self.mapped.discard(i)  # a new process maps the buffers again

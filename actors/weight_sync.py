@@ -27,6 +27,8 @@ Three paths; the driver side of each is one class in ``sync_paths.py``, chosen o
   ``"persistent"`` keeps one flat buffer per dtype holding every weight on each paired learner rank
   (``PersistentBuffers``: one extra copy of the weights in GPU memory), which the worker maps once; a sync is then
   one fused copy into the buffers, one wait, and one reload call on the worker (``cascade_load_persistent``).
+  That reload is vLLM's in-place one at the first sync only: the worker records it as a list of copies and checks
+  the result against vLLM's reload (``copy_plan.py``); later syncs replay the copies (one ``_foreach_copy_``).
 
 ``WeightSyncExtension`` is mixed into vLLM's worker class (``LLM(worker_extension_cls=EXTENSION_QUALNAME)``);
 ``WeightSender`` is mixed into the learner actor by ``group.py``. GPU code here is exercised only by the
@@ -46,6 +48,7 @@ from typing import Any
 EXTENSION_QUALNAME = "cascade_rl.actors.weight_sync.WeightSyncExtension"
 DEFAULT_BUCKET_MB = 512
 
+logger = logging.getLogger(__name__)
 BucketMeta = list[tuple[str, str, tuple[int, ...]]]  # (name, dtype name, shape) per tensor of a bucket
 
 
@@ -288,6 +291,57 @@ def _tied(worker: Any) -> bool:
                                                                         "tie_word_embeddings", False))
 
 
+def _reload_in_place(model: Any, model_config: Any, weights: Iterable[tuple[str, Any]]) -> None:
+    """vLLM's own in-place reload (``reload/layerwise.py``): correct for any checkpoint, quantized ones included."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    _quiet_reload_logger()
+    initialize_layerwise_reload(model)
+    model.load_weights(weights)
+    finalize_layerwise_reload(model, model_config)
+
+
+def load_persistent_views(worker: Any) -> str:
+    """Load ``worker._cascade_persistent`` (checkpoint names → views of ``worker._cascade_sources``) into the
+    worker's model: ``"replayed"`` the copies recorded at an earlier sync (``copy_plan.py``), else vLLM's in-place
+    reload, ``"recorded"`` when this call also recorded (and checked) the copies for the next syncs, or
+    ``"reloaded: <why not replayed>"``. ``worker._cascade_plan`` holds the plan, a reason, or None (not tried)."""
+    import torch
+    from cascade_rl.actors.copy_plan import CopyPlan, model_state_tensors, record_copy_plan, row_checksums
+    from vllm.platforms import current_platform
+
+    model, model_config = _model_and_config(worker)
+    views, plan, tied = worker._cascade_persistent, worker._cascade_plan, _tied(worker)
+    if isinstance(plan, CopyPlan):
+        if plan.valid(list(model.parameters())):
+            plan.replay()
+            return "replayed"
+        plan = "the engine's parameters moved since the copies were recorded"
+    checksums = None
+    if plan is None and not current_platform.is_cuda():
+        plan = "copies are replayed only on CUDA (vLLM's CPU, ROCm and XPU kernels may repack weights after loading)"
+    elif plan is None and getattr(model_config, "quantization", None):
+        plan = f"quantization {model_config.quantization!r} processes weights after loading"
+    elif plan is None:  # first sync from these sources: a plain load, recorded, then checked against the reload
+        params = list(model.parameters())
+        recorded, why = record_copy_plan(lambda: model.load_weights(with_tied_head(iter(views), tied)),
+                                         worker._cascade_sources, params)
+        plan = recorded or why
+        checksums = row_checksums(model_state_tensors(model)) if recorded is not None else None
+    _reload_in_place(model, model_config, with_tied_head(iter(views), tied))
+    if isinstance(plan, CopyPlan):
+        params = list(model.parameters())
+        after = row_checksums(model_state_tensors(model))
+        if checksums is None or not (plan.valid(params) and torch.equal(checksums, after)):
+            plan = "the recorded copies leave the weights unlike vLLM's reload"
+    decided, worker._cascade_plan = worker._cascade_plan != plan, plan
+    if isinstance(plan, CopyPlan):
+        return "recorded"
+    if decided:
+        logger.info("CUDA IPC weight sync reloads through vLLM every time: %s", plan)
+    return f"reloaded: {plan}"
+
+
 # ------------------------------------------------------------------------------------------------ vLLM side
 
 
@@ -354,28 +408,23 @@ class WeightSyncExtension:
         del flat
         return len(meta)
 
-    def cascade_load_persistent(self, buffers: list[tuple[BucketMeta, bytes]] | None) -> int:
+    def cascade_load_persistent(self, buffers: list[tuple[BucketMeta, bytes]] | None) -> str:
         """Reload every weight from the learner's persistent buffers (``PersistentBuffers``): ``buffers`` maps
-        them (first sync, or after this process restarted); ``None`` reuses the mapping of an earlier call."""
+        them (first sync, or after this process restarted); ``None`` reuses the mapping of an earlier call.
+        Returns how: ``load_persistent_views``."""
         import torch
-        from vllm.model_executor.model_loader.reload import (
-            finalize_layerwise_reload,
-            initialize_layerwise_reload,
-        )
 
         if buffers is not None:
-            self._cascade_persistent = [pair for meta, payload in buffers
-                                        for pair in unflatten_bucket(meta, open_shared_bucket(payload, self.device))]
-        views = getattr(self, "_cascade_persistent", None)
-        if views is None:
+            flats = [open_shared_bucket(payload, self.device) for _, payload in buffers]
+            self._cascade_sources = flats
+            self._cascade_persistent = [pair for (meta, _), flat in zip(buffers, flats, strict=True)
+                                        for pair in unflatten_bucket(meta, flat)]
+            self._cascade_plan = None  # new sources: record the copies again
+        if getattr(self, "_cascade_persistent", None) is None:
             raise RuntimeError("CUDA IPC weight sync: no persistent buffers mapped in this vLLM worker yet")
-        model, model_config = _model_and_config(self)
-        _quiet_reload_logger()
-        initialize_layerwise_reload(model)
-        model.load_weights(with_tied_head(iter(views), _tied(self)))
-        finalize_layerwise_reload(model, model_config)
+        how = load_persistent_views(self)
         torch.cuda.synchronize()  # the learner may overwrite the buffers once this returns
-        return len(views)
+        return how
 
     def cascade_end_shared_load(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload

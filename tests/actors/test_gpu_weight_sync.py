@@ -5,8 +5,9 @@ After ``RolloutGroup.sync_from``, vLLM's log-probs of fixed sequences must equal
 ``TOL_MAX`` per token (and ``TOL_MEAN`` on average). Both sides run bfloat16 with different kernels (vLLM's
 FlashAttention and sampler vs transformers' sdpa and the learner's chunked log-softmax), so equality is up to bf16
 rounding, not bitwise. The check can fail: a training step first moves the learner's log-probs by more than
-``STALE_MIN`` (5 x ``TOL_MAX``), which a stale engine would keep. Two syncs (several buckets, then one; the
-second reuses the NCCL group formed by the first), and sampling after a sync uses the new weights (behaviour
+``STALE_MIN`` (5 x ``TOL_MAX``), which a stale engine would keep. Three syncs (several buckets, then one; the
+later ones reuse the NCCL group formed by the first; over CUDA IPC the later ones replay the copies the first
+recorded), and sampling after a sync uses the new weights (behaviour
 log-probs == learner log-probs).
 
 Needs CUDA vLLM, and 2 GPUs for the NCCL test (3 for its tensor-parallel variant, not yet run); run with ``pytest -m gpu tests/actors/test_gpu_weight_sync.py``.
@@ -112,7 +113,8 @@ def check_syncs(learners: Any, rollout: Any, prompts: Any, make_policy_batch: An
     print(f"same checkpoint on both sides: (max, mean) |Δ log-prob| = {start}")
     assert start[0] < TOL_MAX, f"same checkpoint, yet max |Δ| = {start[0]:.4f} before any training"
 
-    for version, bucket_mb in ((1, 1), (2, 512)):  # tiny buckets (several per model), then one bucket
+    # tiny buckets (several per model), then one bucket; CUDA IPC records its copies at v1 and replays them after
+    for version, bucket_mb in ((1, 1), (2, 512), (3, 512)):
         learners.train_policy(batch, loss="gspo", clip_low=0.2, clip_high=0.2)
         learner = learners.compute_logprobs(fixed)
         stale = _diff(vllm_logprobs(), learner)
@@ -126,6 +128,8 @@ def check_syncs(learners: Any, rollout: Any, prompts: Any, make_policy_batch: An
         assert after[0] < TOL_MAX and after[1] < TOL_MEAN, after
         assert rollout.policy_versions() == [version] * len(rollout.workers)
         assert rollout.last_sync_sides["sync_bytes"] > 0
+        if path == "ipc":  # persistent buffers: vLLM's reload (and the recording) first, then the recorded copies
+            assert rollout.last_sync_sides["replayed_share"] == (0.0 if version == 1 else 1.0)
 
     out = rollout.generate(prompts[4:8], 2)  # spread over every worker
     assert {g.policy_version for g in out.generations} == {2}

@@ -155,6 +155,9 @@ def step_summary(events: list, t0: float, t1: float, m: dict[str, Any], peak: fl
         out["sync_bytes"] = syncs[-1][3].get("sync_bytes") or m["weight_bytes"]
         out["sync_gb_per_s"] = round(out["sync_bytes"] / max(out["sync_s"], 1e-9) / 1e9, 2)
         out["sync_path"] = syncs[-1][3].get("path")
+        sides = {k: round(v, 4) for k, v in syncs[-1][3].items() if k in ("broadcast_s", "receive_s", "replayed_share")}
+        if sides:
+            out["sync_sides"] = sides  # learner side, engine side; share of engine loads that replayed recorded copies
     if sampler is not None:
         w = sampler.window(t0, t1)
         if w:
@@ -171,6 +174,8 @@ def mean_of(steps: list[dict[str, Any]]) -> dict[str, Any]:
             out[k] = round(statistics.mean(s[k] for s in steps if s.get(k) is not None), 4)
         elif isinstance(v, list) and v and all(len(s.get(k, [])) == len(v) for s in steps):
             out[k] = [round(statistics.mean(s[k][i] for s in steps), 4) for i in range(len(v))]
+        elif isinstance(v, dict):
+            out[k] = steps[-1].get(k)  # e.g. sync_sides: the last steady step's
     return out
 
 

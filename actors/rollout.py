@@ -149,6 +149,8 @@ def engine_kwargs(spec: RolloutSpec, on_gpu: bool, image_kwargs: dict[str, Any] 
         kwargs["distributed_executor_backend"] = "mp"
     if on_gpu:
         kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization, enable_sleep_mode=spec.sleep_when_idle)
+        if not spec.compile and not spec.enforce_eager:  # no torch.compile: full graphs (piecewise ones need it)
+            kwargs["compilation_config"] = {"mode": "NONE", "cudagraph_mode": "FULL_DECODE_ONLY"}
     else:
         # A chunked prefill rewinds the request's seeded generator by offset, which CPU generators lack
         # ("CPU Generator does not use offset"): schedule whole prompts only.

@@ -32,6 +32,7 @@ class RolloutSpec(WorkerSpec):
     gpu_memory_utilization: float
     kv_cache_gib: int
     enforce_eager: bool
+    compile: bool  # vLLM torch.compile (GPU, not eager); off: whole-model CUDA graphs for decoding only
     sleep_when_idle: bool
     engine_process: str  # auto | inline | separate: vLLM's engine core in this actor or a child process
     behaviour_logprobs: bool

@@ -257,6 +257,9 @@ def main() -> None:
                     "(plain and worker are always run)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--enforce-eager", action="store_true", help="default on cpu; on cuda benchmark without it")
+    ap.add_argument("--no-compile", action="store_true", help="rollout.compile=false: full decode CUDA graphs only")
+    ap.add_argument("--engine-process", choices=["auto", "inline", "separate"], default="separate",
+                    help="rollout.engine_process")
     ap.add_argument("--out", default=None)
     ap.add_argument("--note", default="", help="free text stored in the report (the host, what was varied)")
     args = ap.parse_args()
@@ -291,7 +294,8 @@ def main() -> None:
                        max_response_tokens=tokens, max_prompt_tokens=args.prompt_tokens + 32, temperature=1.0,
                        top_p=1.0, seed=0, gpu_memory_utilization=args.gpu_memory_utilization,
                        kv_cache_gib=int(os.environ["VLLM_CPU_KVCACHE_SPACE"]),
-                       enforce_eager=args.enforce_eager or not gpu, ignore_eos=True)
+                       enforce_eager=args.enforce_eager or not gpu, ignore_eos=True, compile=not args.no_compile,
+                       engine_process=args.engine_process)
     t0 = time.perf_counter()
     worker = RolloutWorker(spec)
     start_s = time.perf_counter() - t0
@@ -304,7 +308,8 @@ def main() -> None:
     report = {"bench": "rollout", **device_info(args.device), "vllm": vllm.__version__, "torch": torch.__version__,
               "shape": shape, "model": Path(model).name, "num_layers": args.num_layers,
               "tokens_per_sequence": tokens, "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
-              "enforce_eager": spec.enforce_eager, "gpu_memory_utilization": spec.gpu_memory_utilization,
+              "enforce_eager": spec.enforce_eager, "compile": spec.compile, "engine_process": spec.engine_process,
+              "gpu_memory_utilization": spec.gpu_memory_utilization,
               "model_build_s": round(build_s, 1), "engine_start_s": round(start_s, 1), "note": args.note,
               "results": results}
     out = Path(args.out or ROOT / "bench" / "results" / f"rollout_{args.device}.json")

@@ -138,7 +138,7 @@ def write_recipe(args: argparse.Namespace, run_dir: Path, cuda: bool, first: dic
                     "gpu_memory_utilization": args.gpu_memory_utilization or GPU_MEMORY_UTILIZATION.get(args.shape, 0.3),
                     "enforce_eager": args.enforce_eager, "sleep_when_idle": cuda, "behaviour_logprobs": False,
                     "placement": "colocated" if cuda else "split", "kv_cache_gib": 1, "ignore_eos": True,
-                    "engine_process": args.engine_process},
+                    "engine_process": args.engine_process, "compile": not args.no_compile},
         "reward": {"terms": [{"name": "math_verify"}], "num_workers": 4 if cuda else 1},
         "learner": {"num_ranks": 1, "num_gpus_per_rank": gpu, "zero_stage": 2, "lr": 1e-6,
                     "micro_batch_tokens": args.micro_batch_tokens, "attn_implementation": first["attention"],
@@ -201,6 +201,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--micro-batch-tokens", type=int, default=None, help="fixed budget (default per shape / 256)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
+    ap.add_argument("--no-compile", action="store_true", help="rollout.compile=false: full decode CUDA graphs only")
     ap.add_argument("--engine-process", choices=["auto", "inline", "separate"], default="separate",
                     help="rollout.engine_process: vLLM's engine core in the rollout actor or its own process")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: 989 for H100/H200)")
@@ -300,7 +301,7 @@ def main() -> None:
                             "prompt_words": args.prompt_tokens, "response_tokens": args.response_tokens,
                             "minibatches": args.minibatches, "steps_per_variant": args.steps,
                             "enforce_eager": args.enforce_eager, "engine_process": args.engine_process,
-                            "colocated_sleep": cuda,
+                            "compile": not args.no_compile, "colocated_sleep": cuda,
                             "rollout_gpu_memory_utilization": cfg.rollout.gpu_memory_utilization},
                   peak_tflops=peak / 1e12 or None, hbm_tbps=hbm / 1e12 if hbm else None,
                   flops_convention={"mfu_6n": "6*N*tokens per update, 2*N*tokens old log-probs; N all params",

@@ -73,6 +73,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = doc(0.5, "vLLM share of GPU memory")
     kv_cache_gib: int = doc(1, "vLLM KV-cache size on CPU (GiB)")
     enforce_eager: bool = doc(True, "disable CUDA graphs / compilation (faster start, slower generation)")
+    compile: bool = doc(True, "GPU with enforce_eager=false: vLLM compiles the model (torch.compile, piecewise "
+                              "CUDA graphs); false skips compilation (~20 s of a cold engine start) and captures "
+                              "whole-model CUDA graphs for decoding only (cudagraph_mode FULL_DECODE_ONLY)")
     sleep_when_idle: bool = doc(False, "put vLLM to sleep while learners train (colocated GPUs)")
     engine_process: Literal["auto", "inline", "separate"] = doc(
         "separate", "where vLLM's engine core runs: inline in the rollout actor (its start skips a process and a "

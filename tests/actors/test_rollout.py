@@ -99,6 +99,13 @@ def test_engine_kwargs_are_vllm_engine_args_on_gpu_and_cpu(make_rollout_spec: An
     assert gpu["enable_sleep_mode"] is True and gpu["gpu_memory_utilization"] == 0.3
     assert gpu["max_model_len"] == spec.max_prompt_tokens + spec.max_response_tokens
     assert gpu["mm_processor_kwargs"] == {"max_patches": 4}
+    assert "compilation_config" not in gpu  # rollout.compile=true (default): vLLM's own compilation settings
+    uncompiled = engine_kwargs(make_rollout_spec("/m", enforce_eager=False, compile=False), True, None)
+    assert uncompiled["compilation_config"] == {"mode": "NONE", "cudagraph_mode": "FULL_DECODE_ONLY"}
+    from vllm.config import CompilationConfig
+
+    parsed = CompilationConfig(**uncompiled["compilation_config"])  # vLLM accepts these names
+    assert (parsed.mode.name, parsed.cudagraph_mode.name) == ("NONE", "FULL_DECODE_ONLY")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm")

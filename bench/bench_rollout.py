@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--enforce-eager", action="store_true", help="default on cpu; on cuda benchmark without it")
     ap.add_argument("--no-compile", action="store_true", help="rollout.compile=false: full decode CUDA graphs only")
-    ap.add_argument("--engine-process", choices=["auto", "inline", "separate"], default="separate",
+    ap.add_argument("--engine-process", choices=["auto", "inline", "separate"], default="auto",
                     help="rollout.engine_process")
     ap.add_argument("--out", default=None)
     ap.add_argument("--note", default="", help="free text stored in the report (the host, what was varied)")

@@ -202,7 +202,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
     ap.add_argument("--no-compile", action="store_true", help="rollout.compile=false: full decode CUDA graphs only")
-    ap.add_argument("--engine-process", choices=["auto", "inline", "separate"], default="separate",
+    ap.add_argument("--engine-process", choices=["auto", "inline", "separate"], default="auto",
                     help="rollout.engine_process: vLLM's engine core in the rollout actor or its own process")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: 989 for H100/H200)")
     ap.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth (default: 3.35 H100, 4.8 H200)")

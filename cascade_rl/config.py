@@ -78,7 +78,7 @@ class RolloutConfig:
                               "whole-model CUDA graphs for decoding only (cudagraph_mode FULL_DECODE_ONLY)")
     sleep_when_idle: bool = doc(False, "put vLLM to sleep while learners train (colocated GPUs)")
     engine_process: Literal["auto", "inline", "separate"] = doc(
-        "separate", "where vLLM's engine core runs: inline in the rollout actor (its start skips a process and a "
+        "auto", "where vLLM's engine core runs: inline in the rollout actor (its start skips a process and a "
                     "second vLLM import) or in a separate child process (overlaps scheduling with the model); auto: "
                     "inline on CPU, separate on GPU")
     behaviour_logprobs: bool = doc(True, "vLLM returns each sampled token's log-prob (logged in rollout records; "

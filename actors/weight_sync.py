@@ -324,8 +324,11 @@ def load_persistent_views(worker: Any) -> str:
         plan = f"quantization {model_config.quantization!r} processes weights after loading"
     elif plan is None:  # first sync from these sources: a plain load, recorded, then checked against the reload
         params = list(model.parameters())
-        recorded, why = record_copy_plan(lambda: model.load_weights(with_tied_head(iter(views), tied)),
-                                         worker._cascade_sources, params)
+        try:  # the reload below runs either way: a failed recording costs this sync one extra load, no more
+            recorded, why = record_copy_plan(lambda: model.load_weights(with_tied_head(iter(views), tied)),
+                                             worker._cascade_sources, params)
+        except Exception as exc:  # noqa: BLE001  (any loader error: vLLM's own reload decides)
+            recorded, why = None, f"recording the load failed ({type(exc).__name__}: {str(exc)[:200]})"
         plan = recorded or why
         checksums = row_checksums(model_state_tensors(model)) if recorded is not None else None
     _reload_in_place(model, model_config, with_tied_head(iter(views), tied))

@@ -3,6 +3,9 @@ puts new source bytes exactly where the load put the old ones. The live vLLM che
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import torch
 from cascade_rl.actors.copy_plan import CopyPlan, record_copy_plan, row_checksums
 
@@ -85,3 +88,64 @@ def test_row_checksums_see_a_swapped_block_that_whole_sums_miss() -> None:
     # rows sum to 3 and 7 (then the bias as it is); a swap of the rows gives 7, 3: the same total, another vector
     assert row_checksums([a, bias]).tolist() == [3.0, 7.0, 0.5, -0.5]
     assert row_checksums([swapped, bias]).tolist() == [7.0, 3.0, 0.5, -0.5]
+
+
+# ------------------------------------------------------------------------------------------------ the sync's use
+
+
+class _Model(torch.nn.Module):
+    """vLLM-like: q/k/v stacked into one parameter; ``load_weights`` takes checkpoint-named tensors."""
+
+    def __init__(self, transform: bool = False) -> None:
+        super().__init__()
+        self.qkv, self.emb = _stacked_model()
+        self.transform = transform  # a quantizer-like reload: the weights end up other than the copies put them
+
+    def load_weights(self, weights: Any) -> None:
+        _load(self.qkv, self.emb, dict(weights))
+
+
+def _worker(model: _Model, flat: torch.Tensor, views: dict[str, torch.Tensor]) -> Any:
+    config = SimpleNamespace(quantization=None, hf_config=SimpleNamespace(tie_word_embeddings=False),
+                             hf_text_config=None)
+    return SimpleNamespace(model_runner=SimpleNamespace(model=model), vllm_config=SimpleNamespace(model_config=config),
+                           _cascade_sources=[flat], _cascade_persistent=list(views.items()), _cascade_plan=None)
+
+
+def test_the_sync_records_at_the_first_load_replays_after_and_reloads_when_unsure(monkeypatch: Any) -> None:
+    """``load_persistent_views`` with vLLM's reload stood in for by the same loader (plus, for one model, a
+    post-load step that changes the weights): recorded, replayed, refused for a moved parameter or a reload
+    whose result the copies do not reproduce."""
+    from cascade_rl.actors import weight_sync
+    from vllm.platforms import current_platform
+
+    def reload(model: _Model, config: Any, weights: Any) -> None:  # vLLM's in-place reload
+        model.load_weights(weights)
+        if model.transform:
+            model.qkv.data.mul_(2.0)
+
+    monkeypatch.setattr(weight_sync, "_reload_in_place", reload)
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    model = _Model()
+    flat, views = _sources()
+    worker = _worker(model, flat, views)
+    assert weight_sync.load_persistent_views(worker) == "recorded"
+    flat.add_(100)  # the learner's next weights
+    assert weight_sync.load_persistent_views(worker) == "replayed"
+    assert model.qkv.flatten().tolist() == [100.0 + i for i in range(12)]
+
+    model.qkv.data = torch.zeros(6, 2)  # moved: the plan is dropped for good, vLLM's reload from then on
+    how = weight_sync.load_persistent_views(worker)
+    assert how == "reloaded: the engine's parameters moved since the copies were recorded"
+    assert model.qkv.flatten().tolist() == [100.0 + i for i in range(12)]
+    assert weight_sync.load_persistent_views(worker) == how
+
+    model = _Model(transform=True)
+    worker = _worker(model, flat, views)
+    assert weight_sync.load_persistent_views(worker) == "reloaded: the recorded copies leave the weights unlike " \
+                                                        "vLLM's reload"
+    assert model.qkv.flatten().tolist() == [2 * (100.0 + i) for i in range(12)]  # vLLM's result stands
+
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: False)
+    worker = _worker(_Model(), flat, views)
+    assert weight_sync.load_persistent_views(worker).startswith("reloaded: copies are replayed only on CUDA")

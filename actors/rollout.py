@@ -465,7 +465,7 @@ class RolloutWorker:
 
     def load_persistent(self, buffers: list[Any] | None, version: int) -> list[str]:
         """CUDA IPC from the learner's persistent buffers (``weight_sync.PersistentBuffers``); ``None``: already
-        mapped by an earlier call. Returns how each vLLM worker loaded (``weight_sync.load_persistent_views``)."""
+        mapped by an earlier call. Returns how each vLLM worker loaded (``vllm_load.load_persistent_views``)."""
         how = self._vllm("CUDA IPC weight sync").load_persistent(buffers)
         self._version = version
         return how

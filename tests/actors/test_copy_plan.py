@@ -1,5 +1,5 @@
 """The recorded weight load (``copy_plan.py``): which loads it keeps as copies, which it refuses, and that a replay
-puts new source bytes exactly where the load put the old ones. The live vLLM check is in test_weight_sync.py."""
+puts new source bytes exactly where the load put the old ones. The live vLLM check is in test_vllm_load.py."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_the_sync_records_at_the_first_load_replays_after_and_reloads_when_unsur
     """``load_persistent_views`` with vLLM's reload stood in for by the same loader (plus, for one model, a
     post-load step that changes the weights): recorded, replayed, refused for a moved parameter or a reload
     whose result the copies do not reproduce."""
-    from cascade_rl.actors import weight_sync
+    from cascade_rl.actors import vllm_load
     from vllm.platforms import current_platform
 
     def reload(model: _Model, config: Any, weights: Any) -> None:  # vLLM's in-place reload
@@ -124,28 +124,28 @@ def test_the_sync_records_at_the_first_load_replays_after_and_reloads_when_unsur
         if model.transform:
             model.qkv.data.mul_(2.0)
 
-    monkeypatch.setattr(weight_sync, "_reload_in_place", reload)
+    monkeypatch.setattr(vllm_load, "_reload_in_place", reload)
     monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
     model = _Model()
     flat, views = _sources()
     worker = _worker(model, flat, views)
-    assert weight_sync.load_persistent_views(worker) == "recorded"
+    assert vllm_load.load_persistent_views(worker) == "recorded"
     flat.add_(100)  # the learner's next weights
-    assert weight_sync.load_persistent_views(worker) == "replayed"
+    assert vllm_load.load_persistent_views(worker) == "replayed"
     assert model.qkv.flatten().tolist() == [100.0 + i for i in range(12)]
 
     model.qkv.data = torch.zeros(6, 2)  # moved: the plan is dropped for good, vLLM's reload from then on
-    how = weight_sync.load_persistent_views(worker)
+    how = vllm_load.load_persistent_views(worker)
     assert how == "reloaded: the engine's parameters moved since the copies were recorded"
     assert model.qkv.flatten().tolist() == [100.0 + i for i in range(12)]
-    assert weight_sync.load_persistent_views(worker) == how
+    assert vllm_load.load_persistent_views(worker) == how
 
     model = _Model(transform=True)
     worker = _worker(model, flat, views)
-    assert weight_sync.load_persistent_views(worker) == "reloaded: the recorded copies leave the weights unlike " \
+    assert vllm_load.load_persistent_views(worker) == "reloaded: the recorded copies leave the weights unlike " \
                                                         "vLLM's reload"
     assert model.qkv.flatten().tolist() == [2 * (100.0 + i) for i in range(12)]  # vLLM's result stands
 
     monkeypatch.setattr(current_platform, "is_cuda", lambda: False)
     worker = _worker(_Model(), flat, views)
-    assert weight_sync.load_persistent_views(worker).startswith("reloaded: copies are replayed only on CUDA")
+    assert vllm_load.load_persistent_views(worker).startswith("reloaded: copies are replayed only on CUDA")

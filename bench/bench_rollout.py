@@ -206,8 +206,8 @@ def bench_layout(worker: Any, prompts: list, n: int, tokens: int, rounds: int,
     from cascade_rl.actors.rollout import render_prompts
     from vllm import SamplingParams
 
-    llm, tok = worker.engine.llm, worker.engine.tokenizer
-    token_prompts = [r.token_ids for r in render_prompts(prompts, tok, tok, 10**6, False)]
+    llm = worker.engine.llm
+    token_prompts = [r.token_ids for r in render_prompts(prompts, worker.engine.renderer, 10**6)]
     seeds = [lambda r, i=i: 1000 * r + i for i in range(len(prompts))]
     fns: dict[str, Any] = {
         "plain": lambda r: run_plain(llm, token_prompts, plain_params(n, tokens, None)),

@@ -188,7 +188,8 @@ def _numa_nodes() -> int:
 
 
 class VLLMBackend:
-    """``vllm.LLM`` in this process (its engine core and workers are child processes)."""
+    """``vllm.LLM`` in this process; its engine core runs here or in a child process (``engine_inline``), and a
+    tensor-parallel engine's workers are child processes."""
 
     def __init__(self, spec: RolloutSpec) -> None:
         import torch

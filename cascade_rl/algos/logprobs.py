@@ -60,22 +60,35 @@ def _chunk_backward(
     g_lp: Tensor | None,
     g_h: Tensor | None,
     temperature: float,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """d/dz of Σ g_lp·log p(y) + g_H·H for one chunk z (c, V): −p·(g_lp + g_H·(log p + H)) + g_lp·onehot(y), / τ."""
+    """d/dz of Σ g_lp·log p(y) + g_H·H for one chunk z (c, V): −p·(g_lp + g_H·(log p + H)) + g_lp·onehot(y), / τ;
+    float32 math, returned in ``out_dtype`` (default: the float32 compute dtype)."""
     dtype = _compute_dtype(z)
+    out_dtype = out_dtype or dtype
     coef = torch.zeros(z.shape[0], dtype=dtype, device=z.device) if g_lp is None else g_lp.to(dtype)
     coef = torch.where(labels >= 0, coef, 0.0)  # (c,) ignored labels get no log-prob gradient
+    idx = labels.clamp(min=0)[:, None]  # (c, 1)
+    if (g_h is None or entropy is None) and temperature == 1.0:
+        # −p·coef rounded straight into out_dtype (no float32 (c, V) gradient, no second pass to cast it); the
+        # label column, where coef·(1 − p_y) cancels, is computed apart in float32: the same bits as the
+        # float32 gradient cast once
+        p = torch.softmax(z, dim=-1, dtype=dtype)  # (c, V)
+        grad = torch.mul(p, -coef[:, None], out=torch.empty(p.shape, dtype=out_dtype, device=p.device))
+        label = p.gather(-1, idx).mul_(-coef[:, None]).add_(coef[:, None])  # (c, 1)
+        return grad.scatter_(-1, idx, label.to(out_dtype))
     if g_h is None or entropy is None:
         # softmax straight from the model dtype: one float32 (c, V) buffer, then in place
-        x = z if temperature == 1.0 else z.to(dtype, copy=True).div_(temperature)
+        x = z.to(dtype, copy=True).div_(temperature)
         grad = torch.softmax(x, dim=-1, dtype=dtype).mul_(-coef[:, None])  # (c, V)
     else:
         logp = _log_softmax(z, temperature)  # (c, V)
         p = logp.exp()  # (c, V)
         weight = logp.add_(entropy[:, None]).mul_(g_h.to(dtype)[:, None]).add_(coef[:, None])  # (c, V)
         grad = p.mul_(weight).neg_()
-    grad.scatter_add_(-1, labels.clamp(min=0)[:, None], coef[:, None])
-    return grad.div_(temperature) if temperature != 1.0 else grad
+    grad.scatter_add_(-1, idx, coef[:, None])
+    grad = grad.div_(temperature) if temperature != 1.0 else grad
+    return grad.to(out_dtype)
 
 
 def _forward_chunks(
@@ -118,6 +131,7 @@ class _LogprobsFromLogits(torch.autograd.Function):
                 None if g_lp is None else g_lp[s:e],
                 None if g_h is None else g_h[s:e],
                 ctx.temperature,
+                grad.dtype,
             )
         return grad, None, None, None, None
 
@@ -158,7 +172,8 @@ class _LogprobsFromHidden(torch.autograd.Function):
                 None if g_lp is None else g_lp[s:e],
                 None if g_h is None else g_h[s:e],
                 ctx.temperature,
-            ).to(hidden.dtype)  # (c, V)
+                hidden.dtype,
+            )  # (c, V)
             grad_hidden[s:e] = g @ weight
             grad_weight.addmm_(g.T, hidden[s:e])
         return grad_hidden, grad_weight, None, None, None, None

@@ -73,6 +73,32 @@ def test_bf16_logits_upcast_per_chunk():
     torch.testing.assert_close(bf16.grad.float(), ref.grad, atol=1e-2, rtol=1e-2)  # grad rounded to bf16
 
 
+def test_bf16_gradient_has_the_bits_of_the_float32_gradient_cast_once():
+    """The log-prob-only backward rounds −p·g straight into bf16 and computes the label column g·(1 − p_y) apart:
+    bit for bit what the float32 gradient, label term added, then cast to bf16, holds (one rounding, none more).
+    Rows: a confident label (p_y near 1, where a bf16 subtraction would cancel), an ignored label (-100: zero
+    gradient in the row), random rows."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 40, generator=g) * 3
+    labels = torch.randint(0, 40, (6,), generator=g)
+    logits[0] = 0.0
+    logits[0, labels[0]] = 10.5  # p_y = 1 / (1 + 39·e^-10.5) = 0.998930: 1 - p_y = 0.00107
+    labels[1] = -100
+    bf16 = logits.bfloat16().requires_grad_(True)
+    up = torch.tensor([1.0, 2.0, -0.5, 0.25, 3.0, -1.0])  # upstream d loss / d log p per token
+    (compute_token_logprobs(bf16, labels, chunk_size=4) * up).sum().backward()
+
+    p = torch.softmax(bf16.detach().float(), dim=-1)  # the float32 reference, written out
+    coef = torch.where(labels >= 0, up, 0.0)
+    want = p * -coef[:, None]
+    want[torch.arange(6), labels.clamp(min=0)] += coef
+    assert bf16.grad.dtype == torch.bfloat16
+    assert torch.equal(bf16.grad, want.to(torch.bfloat16))
+    assert torch.equal(bf16.grad[1], torch.zeros(40, dtype=torch.bfloat16))
+    # 1·(1 − p_y) = 0.00107 (bf16: 0.001068); 1 − p_y taken in bf16 would give 0 (p_y rounds to 1.0)
+    assert abs(bf16.grad[0, labels[0]].item() - 0.00107) < 1e-5
+
+
 def test_gradcheck_float64():
     logits, labels = _inputs(seed=3, shape=(2, 3), vocab=6)
     x = logits.double().requires_grad_(True)

@@ -241,6 +241,13 @@ def bench_layout(worker: Any, prompts: list, n: int, tokens: int, rounds: int,
     return out
 
 
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    """The engine's start-up knobs, as every bench that starts vLLM takes them."""
+    ap.add_argument("--no-compile", action="store_true", help="rollout.compile=false: full decode CUDA graphs only")
+    ap.add_argument("--engine-process", choices=["auto", "inline", "separate"], default="auto",
+                    help="rollout.engine_process: vLLM's engine core in the rollout actor or its own process")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -257,9 +264,7 @@ def main() -> None:
                     "(plain and worker are always run)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--enforce-eager", action="store_true", help="default on cpu; on cuda benchmark without it")
-    ap.add_argument("--no-compile", action="store_true", help="rollout.compile=false: full decode CUDA graphs only")
-    ap.add_argument("--engine-process", choices=["auto", "inline", "separate"], default="auto",
-                    help="rollout.engine_process")
+    add_engine_args(ap)
     ap.add_argument("--out", default=None)
     ap.add_argument("--note", default="", help="free text stored in the report (the host, what was varied)")
     args = ap.parse_args()

@@ -59,7 +59,14 @@ for _k, _v in (("VLLM_USE_FLASHINFER_SAMPLER", "0"), ("VLLM_CPU_KVCACHE_SPACE", 
                ("VLLM_LOGGING_LEVEL", "INFO")):  # INFO: the engine logs its start-up timings (``vllm_log``)
     os.environ.setdefault(_k, _v)
 
-from bench_rollout import QWEN3_06B, SPECIALS, build_qwen3_shape, device_info, versions  # noqa: E402  (also maps cascade_rl.actors)
+from bench_rollout import (  # noqa: E402  (also maps cascade_rl.actors)
+    QWEN3_06B,
+    SPECIALS,
+    add_engine_args,
+    build_qwen3_shape,
+    device_info,
+    versions,
+)
 from step_metrics import (  # noqa: E402
     GpuSampler,
     Recorder,
@@ -201,9 +208,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--micro-batch-tokens", type=int, default=None, help="fixed budget (default per shape / 256)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
-    ap.add_argument("--no-compile", action="store_true", help="rollout.compile=false: full decode CUDA graphs only")
-    ap.add_argument("--engine-process", choices=["auto", "inline", "separate"], default="auto",
-                    help="rollout.engine_process: vLLM's engine core in the rollout actor or its own process")
+    add_engine_args(ap)
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: 989 for H100/H200)")
     ap.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth (default: 3.35 H100, 4.8 H200)")
     ap.add_argument("--model-dir", default=str(ROOT / ".cache" / "cascade_rl" / "bench"))

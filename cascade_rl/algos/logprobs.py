@@ -74,7 +74,7 @@ def _chunk_backward(
         # label column, where coef·(1 − p_y) cancels, is computed apart in float32: the same bits as the
         # float32 gradient cast once
         p = torch.softmax(z, dim=-1, dtype=dtype)  # (c, V)
-        grad = torch.mul(p, -coef[:, None], out=torch.empty(p.shape, dtype=out_dtype, device=p.device))
+        grad = torch.mul(p, -coef[:, None], out=torch.empty_like(p, dtype=out_dtype))
         label = p.gather(-1, idx).mul_(-coef[:, None]).add_(coef[:, None])  # (c, 1)
         return grad.scatter_(-1, idx, label.to(out_dtype))
     if g_h is None or entropy is None:

@@ -132,7 +132,7 @@ def check_syncs(learners: Any, rollout: Any, prompts: Any, make_policy_batch: An
             assert rollout.last_sync_sides["replayed_share"] == (0.0 if version == 1 else 1.0)
 
     out = rollout.generate(prompts[4:8], 2)  # spread over every worker
-    assert {g.policy_version for g in out.generations} == {2}
+    assert {g.policy_version for g in out.generations} == {version}  # the last sync's
     sampled = SequenceBatch([g.prompt_token_ids for g in out.generations], [g.token_ids for g in out.generations])
     behaviour = _diff([g.logprobs for g in out.generations], learners.compute_logprobs(sampled))
     assert behaviour[0] < TOL_MAX, f"sampling after the sync used other weights: |Δ| = {behaviour}"
